@@ -2,10 +2,26 @@
 
 A source is chosen by ``config.data.source``. The trainer only ever sees a
 :class:`Split`; where the pixels came from is this module's business.
+
+Sources other than ``digits`` decode their input once and keep the decoded
+arrays in ``config.data.cache_dir``, keyed by source, name, split, resolved
+path and the size and modification time of every input file, so a second run
+starts in seconds and an edited dataset is decoded afresh.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from typing import Any, Callable
+import zipfile
 
 import numpy as np
 
@@ -39,6 +55,14 @@ NORMALIZATION = {
     'digits': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
+SOURCES = ('digits', 'npz', 'cifar_python', 'image_folder', 'tfds')
+
+# Bump when the cached arrays' layout or meaning changes, so old entries miss.
+_CACHE_VERSION = 1
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+# Image modes that become RGB without inventing or dropping information.
+_CONVERTIBLE_MODES = ('RGB', 'L', 'P')
+
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(mean, std) per channel for a dataset name; ImageNet statistics otherwise."""
@@ -67,11 +91,395 @@ def _digits(split: str, image_size: int = 32) -> Split:
                tuple(str(c) for c in range(10)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Input:
+  """What a source will read for one split, found before anything is decoded."""
+  root: str  # resolved file or folder; part of the cache key
+  files: tuple[str, ...]  # inputs whose size and mtime also key the cache
+  class_names: tuple[str, ...] = ()  # image_folder: known from the folder names
+  builder: Any = None  # tfds: the dataset builder to read from
+
+
+def _check_labels(labels: np.ndarray, count: int, class_names: tuple[str, ...],
+                  where: str) -> np.ndarray:
+  """``labels`` as int32 after checking there is one per image and each names a class."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{where}: labels have dtype {labels.dtype} and shape {labels.shape} for '
+                    f'{count} images, expected one integer per image: fix the file')
+  if not class_names:
+    raise DataError(f'{where}: no class names found: the file must list its classes')
+  bad = (labels < 0) | (labels >= len(class_names))
+  if bad.any():
+    raise DataError(f'{where}: label {labels[bad][0]} is outside [0, {len(class_names)}) '
+                    f'for the {len(class_names)} listed classes: fix the labels or class list')
+  return labels.astype(np.int32)
+
+
+def _checked(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
+             where: str) -> Split:
+  """Validates decoded arrays; ``where`` names the offending file in errors."""
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise DataError(f'{where}: images have dtype {images.dtype} and shape {images.shape}, '
+                    'expected uint8 (n, H, W, 3): fix or regenerate the file')
+  if len(images) == 0:
+    raise DataError(f'{where}: the split holds no images: point data.path at a non-empty dataset')
+  labels = _check_labels(labels, len(images), class_names, where)
+  return Split(np.ascontiguousarray(images), labels, tuple(str(c) for c in class_names))
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+  """One encoded image as a uint8 (H, W, 3) array; grayscale and palette become RGB."""
+  from PIL import Image
+
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except (OSError, SyntaxError, ValueError) as e:
+    raise DataError(f'{where}: cannot decode the image ({e}): replace the corrupt file') from None
+  if image.mode not in _CONVERTIBLE_MODES:
+    raise DataError(f'{where}: image mode {image.mode} is not RGB, grayscale or palette: '
+                    'convert it to RGB')
+  return np.asarray(image.convert('RGB'))
+
+
+def _stack_same_size(images: list[np.ndarray], name_of: Callable[[int], str],
+                     where: str) -> np.ndarray:
+  """Stacks decoded images, naming the first whose size differs from the first image's."""
+  if not images:
+    raise DataError(f'{where}: the split holds no images: point data.path at a non-empty dataset')
+  for i, image in enumerate(images):
+    if image.shape != images[0].shape:
+      raise DataError(f'{name_of(i)}: image is {image.shape[1]}x{image.shape[0]} but '
+                      f'{name_of(0)} is {images[0].shape[1]}x{images[0].shape[0]}: '
+                      'resize all images to one size')
+  return np.stack(images)
+
+
+def _locate_npz(data_config, split: str) -> _Input:
+  folder = _local_path(data_config)
+  file = os.path.join(folder, f'{split}.npz')
+  if not os.path.isfile(file):
+    raise DataError(f'{file} does not exist: data.path must be a folder holding '
+                    'train.npz and test.npz')
+  return _Input(folder, (file,))
+
+
+def _decode_npz(found: _Input, split: str) -> Split:
+  """An archive of concatenated encoded images (arrays jpeg, offsets, labels, classes)."""
+  del split
+  file, = found.files
+  try:
+    with np.load(file, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f'{file}: unreadable archive ({e}): replace the truncated or '
+                    'corrupt file') from None
+  missing = {'jpeg', 'offsets', 'labels', 'classes'} - set(arrays)
+  if missing:
+    raise DataError(f'{file}: missing arrays {sorted(missing)}: the archive needs '
+                    'jpeg, offsets, labels and classes')
+  encoded, offsets, labels = arrays['jpeg'], arrays['offsets'], arrays['labels']
+  if (encoded.dtype != np.uint8 or encoded.ndim != 1 or offsets.ndim != 1
+      or len(offsets) != len(labels) + 1 or offsets[0] != 0 or offsets[-1] != len(encoded)
+      or np.any(np.diff(offsets) <= 0)):
+    raise DataError(f'{file}: offsets {offsets.shape} do not cut jpeg {encoded.shape} into '
+                    f'{len(labels)} images: regenerate the archive')
+  buffer = encoded.tobytes()
+  images = [_decode_image(buffer[a:b], f'{file} image {i}')
+            for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
+  stacked = _stack_same_size(images, lambda i: f'{file} image {i}', file)
+  return _checked(stacked, labels, tuple(arrays['classes'].tolist()), file)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Unpickles numpy arrays and builtins only, so a hostile file cannot run code."""
+
+  # Arrays and scalars under numpy 1 and 2 module names; _codecs.encode is how
+  # protocol 2 stores bytes.
+  _ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')} | {
+      (module, name) for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+      for name in ('_reconstruct', 'scalar')}
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+    return super().find_class(module, name)
+
+
+def _unpickle(file: str) -> dict[str, Any]:
+  """A CIFAR python pickle as a dict with str keys (the originals use bytes keys)."""
+  try:
+    with open(file, 'rb') as f:
+      content = _ArrayUnpickler(f, encoding='bytes').load()
+  except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError,
+          AttributeError, IndexError) as e:
+    raise DataError(f'{file}: unreadable pickle ({e}): replace the truncated or corrupt '
+                    'file with the original CIFAR download') from None
+  if not isinstance(content, dict):
+    raise DataError(f'{file}: holds a {type(content).__name__}, not a CIFAR batch dict: '
+                    'point data.path at cifar-10-batches-py or cifar-100-python')
+  return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+# Per variant: the files of each split, the meta file, its class-name key, the label key.
+_CIFAR_LAYOUTS = {
+    'cifar10': ({'train': tuple(f'data_batch_{i}' for i in range(1, 6)),
+                 'test': ('test_batch',)}, 'batches.meta', 'label_names', 'labels'),
+    'cifar100': ({'train': ('train',), 'test': ('test',)}, 'meta', 'fine_label_names',
+                 'fine_labels'),
+}
+
+
+def _cifar_variant(folder: str) -> str:
+  if os.path.isfile(os.path.join(folder, 'batches.meta')):
+    return 'cifar10'
+  if os.path.isfile(os.path.join(folder, 'meta')):
+    return 'cifar100'
+  raise DataError(f'{folder}: neither batches.meta (CIFAR-10) nor meta (CIFAR-100) found: '
+                  'point data.path at cifar-10-batches-py or cifar-100-python')
+
+
+def _locate_cifar_python(data_config, split: str) -> _Input:
+  folder = _local_path(data_config)
+  variant = _cifar_variant(folder)
+  other = {'cifar10': 'cifar100', 'cifar100': 'cifar10'}[variant]
+  if data_config.name == other:
+    raise DataError(f'{folder} holds {variant} but data.name is {other!r}: '
+                    f'set --config.data.name={variant}')
+  split_files, meta, _, _ = _CIFAR_LAYOUTS[variant]
+  files = tuple(os.path.join(folder, f) for f in split_files[split] + (meta,))
+  for file in files:
+    if not os.path.isfile(file):
+      raise DataError(f'{file} is missing from the {variant} folder: '
+                      're-extract the original CIFAR archive there')
+  return _Input(folder, files)
+
+
+def _decode_cifar_python(found: _Input, split: str) -> Split:
+  """The CIFAR python pickles: rows of 3072 bytes, channel-major 32x32."""
+  del split
+  variant = _cifar_variant(found.root)
+  _, _, names_key, label_key = _CIFAR_LAYOUTS[variant]
+  *batch_files, meta_file = found.files
+  meta = _unpickle(meta_file)
+  if names_key not in meta:
+    raise DataError(f'{meta_file}: has no {names_key!r} entry: replace it with the '
+                    f'original {variant} meta file')
+  class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key])
+  images, labels = [], []
+  for file in batch_files:
+    batch = _unpickle(file)
+    if 'data' not in batch or label_key not in batch:
+      raise DataError(f'{file}: lacks the data or {label_key!r} entries of a {variant} batch: '
+                      'replace it with the original file')
+    data = np.asarray(batch['data'])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+      raise DataError(f'{file}: data has dtype {data.dtype} and shape {data.shape}, expected '
+                      'uint8 (n, 3072): replace it with the original file')
+    # Checked per batch so that the error names the file at fault.
+    labels.append(_check_labels(batch[label_key], len(data), class_names, file))
+    images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+  return _checked(np.concatenate(images), np.concatenate(labels), class_names, found.root)
+
+
+def _locate_image_folder(data_config, split: str) -> _Input:
+  root = _local_path(data_config)
+  folder = os.path.join(root, split)
+  if not os.path.isdir(folder):
+    raise DataError(f'{folder} does not exist: data.path must hold train/<class>/*.png '
+                    'and test/<class>/*.png')
+  # The train folder fixes the class order, so labels agree across splits.
+  reference = os.path.join(root, 'train')
+  class_names = tuple(sorted(
+      d for d in os.listdir(reference) if os.path.isdir(os.path.join(reference, d))))
+  if not class_names:
+    raise DataError(f'{reference} has no class folders: put images in train/<class>/')
+  files = []
+  for d in sorted(os.listdir(folder)):
+    class_dir = os.path.join(folder, d)
+    if not os.path.isdir(class_dir):
+      continue
+    if d not in class_names:
+      raise DataError(f'{class_dir}: class {d!r} has no folder in {reference}: '
+                      'use the same class folders in every split')
+    files.extend(os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))
+                 if f.lower().endswith(_IMAGE_SUFFIXES))
+  if not files:
+    raise DataError(f'{folder} holds no .png/.jpg/.jpeg files in class folders: '
+                    'put images in <split>/<class>/')
+  return _Input(root, tuple(files), class_names)
+
+
+def _decode_image_folder(found: _Input, split: str) -> Split:
+  """``<root>/<split>/<class>/<image>``; classes sorted by folder name."""
+  del split
+  index = {c: i for i, c in enumerate(found.class_names)}
+  images = []
+  for file in found.files:
+    with open(file, 'rb') as f:
+      images.append(_decode_image(f.read(), file))
+  labels = np.array([index[os.path.basename(os.path.dirname(f))] for f in found.files])
+  where = os.path.dirname(os.path.dirname(found.files[0]))
+  return _checked(_stack_same_size(images, lambda i: found.files[i], where), labels,
+                  found.class_names, where)
+
+
+def _offline_hint(name: str) -> str:
+  return ('no download is attempted: use --config.data.source=npz --config.data.path=DIR '
+          '(or cifar_python/image_folder), or set --config.data.data_dir to a folder where '
+          f'`tfds build {name}` has prepared it')
+
+
+def _locate_tfds(data_config, split: str) -> _Input:
+  import tensorflow_datasets as tfds
+
+  del split  # One builder serves both splits.
+  name = data_config.name
+  try:
+    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+  except Exception as e:  # tfds raises several unrelated types for unknown names.
+    raise DataError(f'tfds has no dataset data.name={name!r} ({type(e).__name__}): '
+                    'use cifar10, cifar100, svhn_cropped or stl10') from None
+  folder = os.fspath(builder.data_dir)
+  files = tuple(sorted(os.path.join(folder, f) for f in os.listdir(folder))
+                ) if os.path.isdir(folder) else ()
+  return _Input(folder, files, builder=builder)
+
+
+def _decode_tfds(found: _Input, split: str) -> Split:
+  """A prepared tfds dataset, read without TensorFlow when stored as array_record."""
+  builder = found.builder
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception:  # Diagnosed below; tfds' own message misleads when offline.
+    if not builder.is_prepared():
+      raise DataError(f'tfds {builder.name} is not prepared in {found.root}; '
+                      f'{_offline_hint(builder.name)}') from None
+    if split not in builder.info.splits:
+      raise DataError(f'tfds {builder.name} has no split {split!r} in {found.root}: '
+                      f'it has {sorted(builder.info.splits)}') from None
+    if importlib.util.find_spec('tensorflow') is None:
+      raise DataError(f'{found.root} is stored as {builder.info.file_format.value}, which only '
+                      'TensorFlow reads: pip install tensorflow, or prepare it with '
+                      f'`tfds build {builder.name} --file_format=array_record`') from None
+    return _tfds_with_tensorflow(builder, split, found.root)
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise DataError(f'tfds {builder.name} has no image and label features: use '
+                    'source=image_folder for it')
+  images, labels = [], []
+  for i in range(len(source)):
+    example = source[i]
+    images.append(np.asarray(example['image']))
+    labels.append(int(example['label']))
+  where = f'tfds {builder.name} {split} in {found.root}'
+  stacked = _stack_same_size(images, lambda i: f'{where}, example {i}', where)
+  return _checked(stacked, np.array(labels), tuple(features['label'].names), where)
+
+
+def _tfds_with_tensorflow(builder, split: str, root: str) -> Split:
+  """Reads a tfrecord-prepared dataset in one batch (needs TensorFlow)."""
+  import tensorflow_datasets as tfds
+
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  return _checked(np.asarray(data['image']), np.asarray(data['label']),
+                  tuple(builder.info.features['label'].names),
+                  f'tfds {builder.name} {split} in {root}')
+
+
+# Each non-digits source: a cheap locate step (validates paths, lists inputs)
+# and the expensive decode step that the cache skips.
+_SOURCES: dict[str, tuple[Callable[..., _Input], Callable[[_Input, str], Split]]] = {
+    'npz': (_locate_npz, _decode_npz),
+    'cifar_python': (_locate_cifar_python, _decode_cifar_python),
+    'image_folder': (_locate_image_folder, _decode_image_folder),
+    'tfds': (_locate_tfds, _decode_tfds),
+}
+
+
+def _local_path(data_config) -> str:
+  path = data_config.path
+  if not path:
+    raise DataError(f'data.path is empty but data.source={data_config.source!r} reads local '
+                    'files: set --config.data.path=FOLDER')
+  resolved = os.path.realpath(os.path.expanduser(path))
+  if not os.path.isdir(resolved):
+    raise DataError(f'data.path {path} is not a folder: set --config.data.path to the '
+                    'dataset folder')
+  return resolved
+
+
+def _cache_file(data_config, split: str, found: _Input) -> str:
+  stats = []
+  for file in found.files:
+    stat = os.stat(file)
+    stats.append((file, stat.st_size, stat.st_mtime_ns))
+  key = json.dumps([_CACHE_VERSION, data_config.source, data_config.name, split, found.root,
+                    stats])
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  folder = os.path.expanduser(data_config.cache_dir or '~/.cache/mocosfl_jax')
+  readable = re.sub(r'[^\w.-]', '_', f'{data_config.source}-{data_config.name}-{split}')
+  return os.path.join(folder, f'{readable}-{digest}.npz')
+
+
+def _read_cache(file: str) -> Split | None:
+  try:
+    with np.load(file, allow_pickle=False) as cached:
+      return Split(cached['images'], cached['labels'], tuple(cached['class_names'].tolist()))
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    logging.warning('ignoring unreadable cache entry %s (%s); decoding again', file, e)
+    return None
+
+
+def _write_cache(file: str, data: Split) -> None:
+  """Writes to a temporary file and renames it, so no reader sees half an entry."""
+  tmp = None
+  try:
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(file), suffix='.tmp',
+                                     delete=False) as f:
+      tmp = f.name
+      np.savez(f, images=data.images, labels=data.labels,
+               class_names=np.array(data.class_names, dtype=str))
+    os.replace(tmp, file)
+    tmp = None
+  except OSError as e:
+    # A read-only or full cache disk costs time on the next run, not this run.
+    logging.warning('could not cache decoded data at %s (%s)', file, e)
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def load_split(data_config, split: str) -> Split:
-  """Loads ``split`` ('train' or 'test') of the source named by ``data_config.source``."""
+  """Loads ``split`` ('train' or 'test') of the source named by ``data_config.source``.
+
+  Args:
+    data_config: ``config.data`` with fields source, name, path, data_dir and cache_dir.
+    split: 'train' or 'test'.
+
+  Returns:
+    The split's images (uint8, NHWC, RGB), labels (int32) and class names.
+
+  Raises:
+    DataError: the source is unknown, or its files are missing, corrupt or inconsistent.
+  """
   if split not in ('train', 'test'):
     raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
   source = data_config.source
   if source == 'digits':
     return _digits(split)
-  raise DataError(f"unknown data.source {source!r}: use one of ['digits']")
+  if source not in _SOURCES:
+    raise DataError(f'unknown data.source {source!r}: use one of {list(SOURCES)}')
+  locate, decode = _SOURCES[source]
+  found = locate(data_config, split)
+  cache_file = _cache_file(data_config, split, found)
+  cached = _read_cache(cache_file)
+  if cached is not None:
+    return cached
+  data = decode(found, split)
+  _write_cache(cache_file, data)
+  return data
