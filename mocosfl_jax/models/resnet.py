@@ -1,0 +1,133 @@
+"""The reference's CIFAR ResNet-18 with GroupNorm and Weight Standardization (spec 1.1-1.2).
+
+The backbone is a flat list of nine modules (stem + eight BasicBlocks) so that a
+cut layer is simply an index into that list (see ``split.py``).
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Weight-standardized convs keep PyTorch's default conv init, U(+-1/sqrt(fan_in)),
+# because the reference's Xavier re-init skips them (spec 1.8, 9.12). Since WS
+# removes the kernel's scale, this choice sets the effective learning rate.
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+xavier = nn.initializers.xavier_uniform()
+
+STAGE_CHANNELS = (64, 128, 256, 512)
+NUM_MODULES = 9  # stem + 2 BasicBlocks in each of the 4 stages
+
+
+def standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """Per output filter: subtract the mean, divide by (unbiased std + eps).
+
+  The epsilon sits outside the square root, as in the reference.
+  """
+  axes = tuple(range(kernel.ndim - 1))  # HWIO: all but the output axis
+  centred = kernel - kernel.mean(axis=axes, keepdims=True)
+  return centred / (centred.std(axis=axes, ddof=1, keepdims=True) + eps)
+
+
+def conv_as_matmul(x, kernel, strides, padding):
+  """A convolution written as image patches times a matrix.
+
+  Mathematically identical to ``lax.conv_general_dilated``. Under ``vmap`` over
+  per-client kernels it becomes one batched matmul instead of a grouped
+  convolution, which is the slow path on CPU and cuDNN
+  (design/performance-notes.md).
+  """
+  kh, kw, cin, cout = kernel.shape
+  patches = lax.conv_general_dilated_patches(
+      x, (kh, kw), strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  # Patch features are ordered (in_channel, kh, kw).
+  matrix = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+  return patches @ matrix
+
+
+class Conv(nn.Module):
+  """A bias-free conv with PyTorch padding, optionally weight-standardized."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  weight_standardization: bool = True
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    init = torch_conv_init if self.weight_standardization else xavier
+    kernel = self.param('kernel', init, (k, k, x.shape[-1], self.features))
+    if self.weight_standardization:
+      kernel = standardize(kernel)
+    kernel = kernel.astype(x.dtype)
+    # PyTorch pads symmetrically (k // 2 each side); flax's 'SAME' pads
+    # asymmetrically at stride 2, which would shift every downsampled map.
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
+    strides = (self.strides, self.strides)
+    if self.as_matmul:
+      return conv_as_matmul(x, kernel, strides, padding)
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+  """GroupNorm with 4 channels per group and PyTorch's epsilon (spec 1.2)."""
+  return nn.GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5,
+                      use_fast_variance=False)
+
+
+class Stem(nn.Module):
+  """3x3 stride-1 conv, GroupNorm, ReLU; no max-pool (CIFAR stem)."""
+  features: int
+  image_size: int = 32
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    # The reference's input-size variants: 64x64 uses stride 2, 224x224 a 7x7 stride-2 conv.
+    kernel, stride = (7, 2) if self.image_size >= 224 else (3, 2 if self.image_size >= 64 else 1)
+    # The stem is always weight-standardized, even when WS is off elsewhere.
+    x = Conv(self.features, kernel, stride, True, self.as_matmul)(x)
+    return nn.relu(group_norm(self.features)(x))
+
+
+class BasicBlock(nn.Module):
+  """Post-activation BasicBlock with a 1x1 projection shortcut when the shape changes."""
+  features: int
+  strides: int = 1
+  weight_standardization: bool = True
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(Conv, weight_standardization=self.weight_standardization,
+                             as_matmul=self.as_matmul)
+    y = conv(self.features, 3, self.strides)(x)
+    y = nn.relu(group_norm(self.features)(y))
+    y = conv(self.features, 3, 1)(y)
+    y = group_norm(self.features)(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = conv(self.features, 1, self.strides)(x)
+      x = group_norm(self.features)(x)
+    return nn.relu(x + y)
+
+
+def channels(width: float) -> tuple[int, ...]:
+  """Stage widths for a width multiplier (1.0 = the paper's ResNet-18)."""
+  return tuple(max(int(round(c * width)), 4) for c in STAGE_CHANNELS)
+
+
+def make_module(index: int, width: float, image_size: int = 32,
+                weight_standardization: bool = True, as_matmul: bool = False) -> nn.Module:
+  """Module ``index`` (0..8) of the flat ResNet-18 list."""
+  widths = channels(width)
+  if index == 0:
+    return Stem(widths[0], image_size, as_matmul, name='stem')
+  stage, block = divmod(index - 1, 2)
+  strides = 2 if (stage > 0 and block == 0) else 1
+  return BasicBlock(widths[stage], strides, weight_standardization, as_matmul,
+                    name=f'layer{stage + 1}_block{block + 1}')

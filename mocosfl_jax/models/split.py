@@ -1,0 +1,61 @@
+"""Splitting the backbone at a cut layer into a client model and a server model.
+
+``cut_layer`` counts modules of the flat ResNet list, as the reference's
+``--cutlayer`` does: the client runs modules ``[0, cut_layer)``, the server the
+rest, global average pooling and the projection head. In the paper's naming,
+cut 1 is MocoSFL-1 (one conv on the client), cut 2 is MocoSFL-3 and cut 3 is
+MocoSFL-5 (spec section 0).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mocosfl_jax.models import heads, resnet
+
+PAPER_NAMES = {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}
+
+
+class ClientNet(nn.Module):
+  """Modules ``[0, cut_layer)``; its output is the smashed data (after a ReLU)."""
+  cut_layer: int = 1
+  width: float = 1.0
+  image_size: int = 32
+  weight_standardization: bool = True
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.cut_layer):
+      x = resnet.make_module(i, self.width, self.image_size,
+                             self.weight_standardization, self.as_matmul)(x)
+    return x
+
+
+class ServerNet(nn.Module):
+  """Modules ``[cut_layer, 9)``, global average pooling and the MoCo head."""
+  cut_layer: int = 1
+  width: float = 1.0
+  moco_version: str = 'V2'
+  image_size: int = 32
+  weight_standardization: bool = True
+
+  @nn.compact
+  def __call__(self, smashed, train: bool = True, features_only: bool = False):
+    x = smashed
+    for i in range(self.cut_layer, resnet.NUM_MODULES):
+      x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization)(x)
+    features = jnp.mean(x, axis=(1, 2))
+    # The head is defined even when unused so that the parameter tree is one shape.
+    projected = heads.ProjectionHead(self.moco_version, name='head')(features, train)
+    return features if features_only else projected
+
+
+def build(config, as_matmul: bool = False) -> tuple[ClientNet, ServerNet]:
+  """The client and server modules for a config's model fields."""
+  m = config.model
+  client = ClientNet(config.cut_layer, m.width, m.image_size, m.weight_standardization,
+                     as_matmul)
+  server = ServerNet(config.cut_layer, m.width, config.moco.version, m.image_size,
+                     m.weight_standardization)
+  return client, server

@@ -1,0 +1,44 @@
+"""Optimisers and learning-rate schedules of the server and the clients (spec 4.6, 9.2)."""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+
+def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  """PyTorch's SGD: coupled weight decay on every parameter, then heavy-ball momentum.
+
+  The learning rate is a hyper-parameter in the optimiser state, set before each
+  update, so that one optimiser serves every schedule (server per epoch, client per
+  own step or per epoch) and a stacked per-client state can hold one rate per client.
+  """
+  def make(learning_rate):
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
+  return optax.inject_hyperparams(make)(learning_rate=0.0)
+
+
+def with_learning_rate(opt_state, learning_rate):
+  """The optimiser state with its learning rate replaced."""
+  hyper = dict(opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, float))
+  return opt_state._replace(hyperparams=hyper)
+
+
+def cosine_per_epoch(base_lr: float, num_epochs: int):
+  """Cosine annealing to zero over ``num_epochs``, stepped once per epoch (the server's)."""
+  return optax.cosine_decay_schedule(base_lr, decay_steps=max(num_epochs, 1))
+
+
+def reference_client_cosine(base_lr: float, num_epochs: int):
+  """The reference's client schedule: a per-epoch cosine stepped after every client step.
+
+  PyTorch's CosineAnnealingLR keeps going past its horizon, so in a client's own
+  step count t the rate is base * (1 + cos(pi t / num_epochs)) / 2, which
+  oscillates with period 2 * num_epochs (spec 4.6). optax's cosine clamps at its
+  horizon, hence this closed form.
+  """
+  def schedule(t):
+    return base_lr * 0.5 * (1.0 + jnp.cos(math.pi * t / max(num_epochs, 1)))
+  return schedule

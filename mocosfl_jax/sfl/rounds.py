@@ -1,0 +1,106 @@
+"""A round: sample the pool, gather its rows, scan the steps with FedAvg, scatter back.
+
+A round is the reference's epoch: the pool is drawn once, every pool client
+walks through a fresh shuffle of its own data, and the online client models are
+averaged over the pool every ``sync_every`` steps and after the last step,
+then broadcast to all clients (spec 4.2, 4.7, 9.21). The whole round is one
+compiled program; the host passes only the state, the data arrays and a key.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mocosfl_jax.sfl import fedavg
+from mocosfl_jax.sfl.state import SimState
+
+
+@flax.struct.dataclass
+class ClientData:
+  """Device-resident training data and the partition."""
+  images: jax.Array  # uint8 (num_samples, H, W, 3)
+  table: jax.Array   # int32 (num_clients, max_samples): sample ids, -1 padded
+  counts: jax.Array  # int32 (num_clients,)
+
+
+def sample_pool(key: jax.Array, num_clients: int, pool_size: int) -> jax.Array:
+  """All clients in order without sampling, else a random subset without replacement."""
+  if pool_size == num_clients:
+    return jnp.arange(num_clients)
+  return jax.random.choice(key, num_clients, (pool_size,), replace=False)
+
+
+def sample_batches(key: jax.Array, table: jax.Array, counts: jax.Array,
+                   steps: int, batch_size: int) -> jax.Array:
+  """(steps, n, B) sample ids: each client's own data in a fresh random order.
+
+  A client whose data is shorter than ``steps * B`` starts over in the same order.
+  """
+  def one_client(key, row, count):
+    noise = jax.random.uniform(key, row.shape)
+    order = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0))
+    positions = jnp.arange(steps * batch_size) % jnp.maximum(count, 1)
+    return row[order[positions]]
+  ids = jax.vmap(one_client)(jax.random.split(key, table.shape[0]), table, counts)
+  return ids.reshape(table.shape[0], steps, batch_size).transpose(1, 0, 2)
+
+
+def gather(state: SimState, pool: jax.Array) -> SimState:
+  """The state with its per-client fields narrowed to the pool's rows."""
+  take = lambda tree: jax.tree.map(lambda x: x[pool], tree)
+  queue = take(state.queue) if state.queue.per_client else state.queue
+  return state.replace(clients=take(state.clients), queue=queue)
+
+
+def scatter(state: SimState, pool: jax.Array, pooled: SimState) -> SimState:
+  """Writes the pool's rows back into the full state."""
+  put = lambda full, rows: jax.tree.map(lambda x, r: x.at[pool].set(r), full, rows)
+  queue = put(state.queue, pooled.queue) if state.queue.per_client else pooled.queue
+  return pooled.replace(clients=put(state.clients, pooled.clients), queue=queue)
+
+
+def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps: int,
+               batch_size: int, sync_every: int, average_ema: bool = False,
+               weighting: str = 'uniform') -> Callable:
+  """Builds ``run_round(state, data, key) -> (state, per-step metrics)``."""
+
+  def synchronise(clients, weights):
+    online = fedavg.average_and_broadcast(clients.online, weights)
+    ema = fedavg.average_and_broadcast(clients.ema, weights) if average_ema else clients.ema
+    return clients.replace(online=online, ema=ema)
+
+  def run_round(state: SimState, data: ClientData, key: jax.Array):
+    key = jax.random.fold_in(key, state.round)
+    k_pool, k_data, k_steps = jax.random.split(key, 3)
+    pool = sample_pool(k_pool, num_clients, pool_size)
+    counts = data.counts[pool]
+    batches = sample_batches(k_data, data.table[pool], counts, steps, batch_size)
+    if weighting == 'data_size':
+      weights = counts / jnp.sum(counts)
+    else:
+      weights = jnp.full((pool_size,), 1.0 / pool_size)
+
+    def body(pooled, xs):
+      index, ids, step_key = xs
+      pooled, metrics = train_step(pooled, data.images[ids], step_key)
+      sync = ((index + 1) % sync_every == 0) | (index == steps - 1)
+      clients = lax.cond(sync, synchronise, lambda c, w: c, pooled.clients, weights)
+      return pooled.replace(clients=clients), metrics
+
+    pooled, metrics = lax.scan(
+        body, gather(state, pool), (jnp.arange(steps), batches, jax.random.split(k_steps, steps)))
+    state = scatter(state, pool, pooled)
+    # The round ends with a FedAvg, and its result goes to every client,
+    # sampled or not; pool row 0 holds the average.
+    broadcast = lambda full, rows: jax.tree.map(
+        lambda x, r: jnp.broadcast_to(r[0], x.shape), full, rows)
+    clients = state.clients.replace(online=broadcast(state.clients.online, pooled.clients.online))
+    if average_ema:
+      clients = clients.replace(ema=broadcast(state.clients.ema, pooled.clients.ema))
+    return state.replace(clients=clients, round=state.round + 1), metrics
+
+  return run_round

@@ -1,0 +1,66 @@
+"""SimState: the whole simulation as one pytree.
+
+Every per-client field carries a leading axis over ALL ``num_clients`` clients;
+a round gathers the sampled pool's rows, trains them and scatters them back.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mocosfl_jax.models import heads
+from mocosfl_jax.sfl import moco
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class Clients:
+  """Per-client state, each leaf with a leading client axis."""
+  online: PyTree      # client model parameters
+  ema: PyTree         # momentum (EMA) client model parameters
+  opt: PyTree         # optimiser state (momentum buffers, learning rate)
+  steps: jax.Array    # (N,) int32: steps each client has taken (drives its schedule)
+
+
+@flax.struct.dataclass
+class SimState:
+  server: PyTree      # online server variables ({'params': ..., maybe 'batch_stats'})
+  server_ema: PyTree  # EMA server variables
+  server_opt: PyTree
+  clients: Clients
+  queue: moco.Queue
+  round: jax.Array    # completed rounds
+  step: jax.Array     # completed server steps
+
+
+def init_state(key: jax.Array, client_net, server_net, server_tx: optax.GradientTransformation,
+               client_tx: optax.GradientTransformation, *, num_clients: int, image_size: int,
+               queue_size: int, feature_sharing: bool) -> SimState:
+  """Initial state; every client starts from the same client model (spec 1.3)."""
+  k_client, k_server, k_queue = jax.random.split(key, 3)
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  client_params = client_net.init(k_client, image)['params']
+  smashed = jax.eval_shape(client_net.apply, {'params': client_params}, image)
+  server_vars = server_net.init(k_server, jnp.zeros(smashed.shape, smashed.dtype))
+  stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
+  client_opt = client_tx.init(client_params)
+  dim = heads.key_dim(server_net.moco_version)
+  queue = moco.init_queue(k_queue, queue_size, dim, None if feature_sharing else num_clients)
+  return SimState(
+      server=server_vars,
+      server_ema=server_vars,
+      server_opt=server_tx.init(server_vars['params']),
+      clients=Clients(stack(client_params), stack(client_params), stack(client_opt),
+                      jnp.zeros((num_clients,), jnp.int32)),
+      queue=queue,
+      round=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32))
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))

@@ -1,0 +1,119 @@
+"""One MocoSFL training step for the sampled pool, as a pure function.
+
+The order follows the reference exactly (spec 4.3 and 11): online client
+forward; client EMA update; EMA client forward on view 2; server EMA update;
+both loss terms against the pre-step queue; enqueue; server and client updates.
+No Python loop over clients: the pool's client models are one stacked pytree.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mocosfl_jax.sfl import moco, optim
+from mocosfl_jax.sfl.state import SimState
+
+
+def batched_client_apply(client_net, impl: str) -> Callable:
+  """f(stacked_params, x[n, B, ...]) -> smashed[n, B, ...] for every pool client at once.
+
+  'vmap' vectorises over per-client weights (convs become grouped convs, or
+  batched matmuls when the client model was built with ``as_matmul``); 'map'
+  runs a native conv per client inside one compiled loop. Which is fastest
+  depends on the backend and cut layer (experiments/benchmark.py).
+  """
+  def apply(params, x):
+    return client_net.apply({'params': params}, x)
+  if impl == 'map':
+    return lambda params, x: lax.map(lambda px: apply(*px), (params, x))
+  if impl == 'vmap':
+    return jax.vmap(apply)
+  raise ValueError(f"client implementation {impl!r}: use 'vmap' or 'map'")
+
+
+def server_apply(server_net, variables, x):
+  """Server forward in training mode; returns (output, variables with new batch stats)."""
+  if 'batch_stats' in variables:
+    out, updates = server_net.apply(variables, x, mutable=['batch_stats'])
+    return out, {**variables, **updates}
+  return server_net.apply(variables, x), variables
+
+
+def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
+                    temperature: float, ema_decay: float, client_impl: str,
+                    server_lr: Callable, client_lr: Callable):
+  """Builds ``train_step(state, images, key) -> (state, metrics)``.
+
+  ``state`` is a SimState whose per-client fields hold the pool's rows only;
+  ``images`` is uint8 (n, B, H, W, 3), row j belonging to pool client j.
+  ``server_lr(round)`` and ``client_lr(client_steps, round)`` give the rates.
+  """
+  clients_forward = batched_client_apply(client_net, client_impl)
+  forward = lambda variables, x: server_apply(server_net, variables, x)
+
+  def train_step(state: SimState, images: jax.Array, key: jax.Array):
+    n, b = images.shape[:2]
+    view1, view2 = augment(key, images.reshape((n * b,) + images.shape[2:]))
+    view1 = view1.reshape((n, b) + view1.shape[1:])
+    view2 = view2.reshape((n, b) + view2.shape[1:])
+    c = state.clients
+
+    # Clients: online forward on the query view (kept for the backward), then
+    # the EMA update from the pre-step weights, then the EMA forward on the key view.
+    smashed_q, clients_vjp = jax.vjp(lambda p: clients_forward(p, view1), c.online)
+    client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
+    smashed_k = lax.stop_gradient(clients_forward(client_ema, view2))
+
+    # Vector concatenation: one server batch of n*B rows in pool order.
+    a_q = smashed_q.reshape((n * b,) + smashed_q.shape[2:])
+    a_k = smashed_k.reshape((n * b,) + smashed_k.shape[2:])
+
+    server_ema = {**state.server_ema, 'params': optax.incremental_update(
+        state.server['params'], state.server_ema['params'], 1.0 - ema_decay)}
+    k2, server_ema = forward(server_ema, a_k)
+    k1, server_ema = forward(server_ema, lax.stop_gradient(a_q))
+    k1, k2 = moco.l2_normalize(k1), moco.l2_normalize(k2)
+
+    def loss_fn(params, a_q):
+      # Term 2 feeds the client-EMA smashed data to the online server, so the
+      # clients get gradient from term 1 only (spec 9.9). A sum of two means.
+      variables = {**state.server, 'params': params}
+      q1, variables = forward(variables, a_q)
+      loss12, _ = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys, temperature)
+      q2, variables = forward(variables, a_k)
+      loss21, accuracy = moco.info_nce(moco.l2_normalize(q2), k1, state.queue.keys, temperature)
+      return loss12 + loss21, (accuracy, variables)
+
+    (loss, (accuracy, server_vars)), (server_grads, smashed_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.server['params'], a_q)
+    queue = moco.enqueue(state.queue, k1, k2, n)
+
+    lr_server = server_lr(state.round)
+    server_opt = optim.with_learning_rate(state.server_opt, lr_server)
+    updates, server_opt = server_tx.update(server_grads, server_opt, server_vars['params'])
+    server_vars = {**server_vars, 'params': optax.apply_updates(server_vars['params'], updates)}
+
+    # Each client receives exactly its slice of dL/d(smashed data): the slices
+    # are the rows of the reshaped gradient, and one VJP routes them all.
+    (client_grads,) = clients_vjp(smashed_grads.reshape(smashed_q.shape))
+    lr_clients = client_lr(c.steps, state.round)
+
+    def client_update(grads, opt_state, params, lr):
+      opt_state = optim.with_learning_rate(opt_state, lr)
+      updates, opt_state = client_tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    online, client_opt = jax.vmap(client_update)(client_grads, c.opt, c.online, lr_clients)
+    new_state = state.replace(
+        server=server_vars, server_ema=server_ema, server_opt=server_opt,
+        clients=c.replace(online=online, ema=client_ema, opt=client_opt, steps=c.steps + 1),
+        queue=queue, step=state.step + 1)
+    metrics = {'loss': loss, 'contrastive_accuracy': accuracy,
+               'lr_server': lr_server, 'lr_client': jnp.mean(lr_clients)}
+    return new_state, metrics
+
+  return train_step
