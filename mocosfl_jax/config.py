@@ -1,0 +1,90 @@
+"""The default configuration and the reference's ``auto_adjust`` rules.
+
+Experiment configs in ``configs/`` start from :func:`default_config` and
+override a few fields; every field is documented here once.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default. Defaults follow the reference (spec 3.1, 10)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                   # fixes init, partition, pool draws, data order and augmentation
+  c.num_clients = 100          # N: clients that exist (each has its own state)
+  c.client_sample_ratio = 1.0  # fraction of clients drawn into each round's pool, in (0, 1]
+  c.batch_size = 1             # per client and step; the server batch is pool size x batch_size
+  c.cut_layer = 1              # modules on the client (1 = MocoSFL-1, 2 = MocoSFL-3, 3 = MocoSFL-5)
+  c.noniid_ratio = 1.0         # 1.0 = IID; m = noniid_ratio x classes per client otherwise
+  c.num_rounds = 200           # rounds (the reference's epochs); the pool is drawn once per round
+  c.steps_per_round = 0        # server steps per round; 0 = a client's samples // batch_size
+  c.sync_every = 50            # FedAvg every this many steps, and always after a round's last step
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'digits'     # digits | npz | cifar_python | image_folder | tfds
+  c.data.name = 'digits'       # dataset name: normalisation statistics and the tfds builder
+  c.data.path = ''             # file or folder for the local sources
+  c.data.data_dir = ''         # tfds data_dir ('' = the tfds default)
+  c.data.cache_dir = ''        # decoded-array cache ('' = ~/.cache/mocosfl_jax)
+  c.data.partition = 'auto'    # auto (iid, or shards when noniid_ratio < 1) | iid | shards | dirichlet
+  c.data.dirichlet_alpha = 0.5  # label-skew concentration of the dirichlet partition
+  c.data.data_proportion = 1.0  # keep this random fraction of the training set first
+  c.data.hetero = ''           # '' or the reference's "A_B|C|D_E" heterogeneous-client string
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 1.0          # channel multiplier (1.0 = the paper's ResNet-18)
+  c.model.image_size = 32      # input resolution after augmentation
+  c.model.weight_standardization = True  # WS on block convs (the stem always has it)
+  c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
+
+  c.moco = ml_collections.ConfigDict()
+  c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2
+  c.moco.augmentation = 'auto'  # auto (mocov1 for V1, else mocov2) | mocov1 | mocov2
+  c.moco.queue_size = 6000     # K keys shared by all clients (K // N per client without sharing)
+  c.moco.temperature = 0.1     # InfoNCE temperature
+  c.moco.ema_decay = 0.99      # tau of the client and server EMA models (hard-coded in the reference)
+  c.moco.feature_sharing = True  # one shared queue; False = one queue per client
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.06            # server learning rate (all reference scripts pass 0.06)
+  c.optim.client_lr = -1.0     # client learning rate; negative = same as lr
+  c.optim.momentum = 0.9       # SGD momentum, server and clients
+  c.optim.weight_decay = 5e-4  # coupled (PyTorch) weight decay on every parameter
+  c.optim.client_schedule = 'per_client_step'  # per_client_step (the reference's quirk) | per_round
+
+  c.fedavg = ml_collections.ConfigDict()
+  c.fedavg.average_ema = False  # also average the EMA client models (the reference does not)
+  c.fedavg.weighting = 'uniform'  # uniform (the reference) | data_size
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 10            # kNN monitor every this many rounds (and at init and the end)
+  c.eval.knn_k = 200           # neighbours
+  c.eval.knn_temperature = 0.1  # neighbour weight exp(sim / T)
+  c.eval.batch_size = 500      # images per forward pass when computing features
+  c.eval.final_probes = False  # run the linear and MLP probes at the end of training
+  c.eval.probe_epochs = 100    # epochs of the final probes
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10      # rounds between checkpoints (and one at the end)
+  c.checkpoint.keep = 3        # checkpoints kept
+
+  c.log_every = 1              # rounds between metrics.jsonl records
+  return c
+
+
+def auto_adjust(config: ml_collections.ConfigDict, num_train_samples: int = 50_000,
+                base_rounds: int = 200) -> ml_collections.ConfigDict:
+  """The reference's ``--auto_adjust`` (spec 3.2): about 100 images per view per step.
+
+  batch 100 // N for N <= 50 (else 1); a FedAvg every 50 steps; 100 clients per
+  step (ratio 100 / N for N >= 200); rounds multiplied by 1 / ratio.
+  """
+  n = config.num_clients
+  config.batch_size = 100 // n if n <= 50 else 1
+  config.client_sample_ratio = 1.0 / (n // 100) if n >= 200 else 1.0
+  steps_per_round = num_train_samples // n // config.batch_size
+  avg_freq = 1000 // (config.batch_size * n) if n <= 1000 else 1
+  config.sync_every = max(steps_per_round // max(avg_freq, 1), 1)
+  config.num_rounds = base_rounds * int(round(1.0 / config.client_sample_ratio))
+  return config

@@ -1,0 +1,248 @@
+"""The MocoSFL run: data, partition, state, rounds, evaluation, outputs.
+
+This is the only module that knows the order of things. Everything it calls is
+a pure function or a small object from the library below it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from mocosfl_jax import metrics as metrics_lib
+from mocosfl_jax import overhead
+from mocosfl_jax.data import augment, partition, sources
+from mocosfl_jax.evaluation import features, knn
+from mocosfl_jax.models import split
+from mocosfl_jax.sfl import moco, optim, rounds, state as state_lib, step as step_lib
+
+log = logging.getLogger('mocosfl_jax')
+
+
+# ---------------------------------------------------------------------------
+# Building the experiment from a config
+# ---------------------------------------------------------------------------
+
+def resolve_client_impl(impl: str, backend: str | None = None) -> str:
+  """'auto' picks the fastest client formulation measured for the backend.
+
+  On CPU a native conv per client in a device loop ('map') beats a grouped
+  convolution ('vmap') by about 12x (design/performance-notes.md); on GPUs
+  grouped convolutions are a known slow path, so clients run as batched
+  matmuls there (see the README's benchmark table).
+  """
+  if impl != 'auto':
+    return impl
+  return 'map' if (backend or jax.default_backend()) == 'cpu' else 'matmul'
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run derives from its config, before any state exists."""
+  config: ml_collections.ConfigDict
+  train: sources.Split
+  test: sources.Split
+  partition: object
+  client_net: object
+  server_net: object
+  server_tx: object
+  client_tx: object
+  run_round: object  # jitted (state, data, key) -> (state, metrics)
+  embed: object      # jitted feature extractor
+  steps_per_round: int
+  pool_size: int
+  client_impl: str
+
+  def init_state(self, key: jax.Array) -> state_lib.SimState:
+    c = self.config
+    return state_lib.init_state(
+        key, self.client_net, self.server_net, self.server_tx, self.client_tx,
+        num_clients=c.num_clients, image_size=c.model.image_size,
+        queue_size=c.moco.queue_size, feature_sharing=c.moco.feature_sharing)
+
+  def client_data(self) -> rounds.ClientData:
+    table, counts = partition.padded(self.partition.client_indices)
+    return rounds.ClientData(jnp.asarray(self.train.images), jnp.asarray(table),
+                             jnp.asarray(counts))
+
+
+def steps_per_round(config, counts: np.ndarray) -> int:
+  """Configured, or one pass over an average client's data."""
+  return config.steps_per_round or max(int(counts.mean()) // config.batch_size, 1)
+
+
+def pool_size(config) -> int:
+  return max(int(config.client_sample_ratio * config.num_clients), 1)
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+  """Loads data, partitions it and builds models, optimisers and compiled functions."""
+  c = config
+  train = sources.load_split(c.data, 'train')
+  test = sources.load_split(c.data, 'test')
+  part = partition.make_partition(train.labels, train.num_classes, c.num_clients,
+                                  c.noniid_ratio, c.data, c.seed)
+  _, counts = partition.padded(part.client_indices)
+  steps = steps_per_round(c, counts)
+  pool = pool_size(c)
+
+  client_impl = resolve_client_impl(c.model.client_impl)
+  client_net, server_net = split.build(c, as_matmul=client_impl == 'matmul')
+  server_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
+  client_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
+  server_lr = optim.cosine_per_epoch(c.optim.lr, c.num_rounds)
+  client_base = c.optim.lr if c.optim.client_lr < 0 else c.optim.client_lr
+  if c.optim.client_schedule == 'per_client_step':
+    per_step = optim.reference_client_cosine(client_base, c.num_rounds)
+    client_lr = lambda steps, rnd: per_step(steps)
+  else:
+    per_round = optim.cosine_per_epoch(client_base, c.num_rounds)
+    client_lr = lambda steps, rnd: jnp.broadcast_to(per_round(rnd), steps.shape)
+
+  mean, std = sources.normalization(c.data.name)
+  version = c.moco.augmentation
+  if version == 'auto':
+    version = 'mocov1' if c.moco.version == 'V1' else 'mocov2'
+  pair_augment = augment.make_pair_augment(version, mean, std, c.model.image_size)
+  train_step = step_lib.make_train_step(
+      client_net, server_net, server_tx, client_tx, pair_augment,
+      temperature=c.moco.temperature, ema_decay=c.moco.ema_decay,
+      client_impl='map' if client_impl == 'map' else 'vmap',
+      server_lr=server_lr, client_lr=client_lr)
+  run_round = rounds.make_round(
+      train_step, num_clients=c.num_clients, pool_size=pool, steps=steps,
+      batch_size=c.batch_size, sync_every=c.sync_every, average_ema=c.fedavg.average_ema,
+      weighting=c.fedavg.weighting)
+  embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
+  return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
+                    jax.jit(run_round, donate_argnums=0), embed, steps, pool, client_impl)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation during training
+# ---------------------------------------------------------------------------
+
+def evaluate_knn(exp: Experiment, state: state_lib.SimState, bank_images, test_images) -> float:
+  """kNN accuracy (%) of client 0's online model with the online server and head (spec 5.1).
+
+  After every round's closing FedAvg all clients hold the same online model.
+  """
+  client0 = jax.tree.map(lambda x: x[0], state.clients.online)
+  bank = exp.embed(client0, state.server, bank_images, head=True)
+  queries = exp.embed(client0, state.server, test_images, head=True)
+  return float(knn.knn_accuracy(bank, exp.train.labels, queries, exp.test.labels,
+                                exp.train.num_classes, k=exp.config.eval.knn_k,
+                                temperature=exp.config.eval.knn_temperature))
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+def describe(exp: Experiment, state: state_lib.SimState) -> dict:
+  """What runs, said once at the start."""
+  c = exp.config
+  client0 = jax.tree.map(lambda x: x[0], state.clients.online)
+  image = jnp.zeros((1, c.model.image_size, c.model.image_size, 3))
+  smashed = jax.eval_shape(exp.client_net.apply, {'params': client0}, image)
+  client_params = state_lib.count_params(client0)
+  comm = overhead.communication_per_client(
+      rounds=c.num_rounds, pool_size=exp.pool_size, num_clients=c.num_clients,
+      steps_per_round=exp.steps_per_round, batch_size=c.batch_size,
+      smashed_floats=math.prod(smashed.shape[1:]), client_params=client_params,
+      sync_every=c.sync_every)
+  return {
+      'devices': [str(d) for d in jax.devices()],
+      'client_impl': exp.client_impl,
+      'num_clients': c.num_clients,
+      'pool_size': exp.pool_size,
+      'batch_size': c.batch_size,
+      'steps_per_round': exp.steps_per_round,
+      'rounds': c.num_rounds,
+      'total_steps': c.num_rounds * exp.steps_per_round,
+      'cut_layer': c.cut_layer,
+      'paper_name': split.PAPER_NAMES.get(c.cut_layer, f'cut {c.cut_layer}'),
+      'client_params': client_params,
+      'server_params': state_lib.count_params(state.server['params']),
+      'smashed_shape': list(smashed.shape[1:]),
+      'communication_per_client_mb': comm,
+      'train_samples': len(exp.train),
+      'test_samples': len(exp.test),
+  }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains MocoSFL as configured, writing metrics.jsonl and summary.json into workdir."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  exp = build(config)
+  c = exp.config
+  metrics_lib.write_json(workdir / 'partition.json', exp.partition.summary(exp.train.labels))
+
+  root = jax.random.key(c.seed)
+  init_key, round_key = jax.random.split(root)
+  state = exp.init_state(init_key)
+  data = exp.client_data()
+  test_images = jnp.asarray(exp.test.images)
+  info = describe(exp, state)
+  log.info('MocoSFL run: %s', json.dumps(info))
+  collapse = moco.collapse_value(c.moco.queue_size)
+
+  initial_knn = evaluate_knn(exp, state, data.images, test_images)
+  log.info('kNN accuracy at initialisation: %.2f%%', initial_knn)
+  knn_history = [(0, initial_knn)]
+  train_seconds = 0.0
+  with metrics_lib.MetricsWriter(workdir) as writer:
+    writer.write({'round': 0, 'step': 0, 'knn_accuracy': initial_knn,
+                  'elapsed_s': time.time() - started})
+    bar = tqdm.trange(c.num_rounds, desc='rounds', unit='round', dynamic_ncols=True)
+    for r in bar:
+      tick = time.time()
+      state, step_metrics = exp.run_round(state, data, round_key)
+      step_metrics = jax.device_get(step_metrics)
+      train_seconds += time.time() - tick
+      record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
+      rounds_done = r + 1
+      if not np.isfinite(record['loss']):
+        raise FloatingPointError(
+            f'non-finite loss {record["loss"]} in round {rounds_done} '
+            f'(steps {r * exp.steps_per_round + 1}-{rounds_done * exp.steps_per_round})')
+      if abs(record['loss'] - collapse) < 0.01 * collapse:
+        log.warning('round %d: loss %.3f is at the collapse value 2 ln(K+1) = %.2f',
+                    rounds_done, record['loss'], collapse)
+      if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
+        record['knn_accuracy'] = evaluate_knn(exp, state, data.images, test_images)
+        knn_history.append((rounds_done, record['knn_accuracy']))
+      if rounds_done % c.log_every == 0 or 'knn_accuracy' in record or rounds_done == c.num_rounds:
+        writer.write({'round': rounds_done, 'step': rounds_done * exp.steps_per_round,
+                      **record, 'elapsed_s': time.time() - started})
+      bar.set_postfix(loss=f'{record["loss"]:.3f}',
+                      knn=f'{knn_history[-1][1]:.1f}')
+
+  steps = c.num_rounds * exp.steps_per_round
+  images_per_step = 2 * exp.pool_size * c.batch_size
+  summary = {
+      'initial_knn_accuracy': initial_knn,
+      'final_knn_accuracy': knn_history[-1][1],
+      'best_knn_accuracy': max(a for _, a in knn_history),
+      'rounds': c.num_rounds,
+      'steps': steps,
+      'wall_seconds': time.time() - started,
+      'train_seconds': train_seconds,
+      'steps_per_second': steps / train_seconds,
+      'images_per_second': steps * images_per_step / train_seconds,
+      'run': info,
+      'config': c.to_dict(),
+  }
+  metrics_lib.write_json(workdir / 'summary.json', summary)
+  return summary
