@@ -8,7 +8,6 @@ partition, dirichlet_alpha, data_proportion and hetero.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import numpy as np
