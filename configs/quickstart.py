@@ -1,0 +1,28 @@
+"""Quickstart: MocoSFL on scikit-learn's bundled digits (no download).
+
+    python -m mocosfl_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+100 clients holding 2 digit classes each (the paper's non-IID shard split),
+batch 1 per client, all 100 clients in every step, a narrow ResNet-18
+(width 1/8), cut layer 1. Expected on 2 CPU cores: about 3 minutes, kNN
+accuracy rising from about 77% at initialisation to about 90%.
+"""
+from mocosfl_jax import config as base
+
+
+def get_config():
+  config = base.default_config()
+  config.num_clients = 100
+  config.noniid_ratio = 0.2
+  config.batch_size = 1
+  config.cut_layer = 1
+  config.num_rounds = 30
+  config.sync_every = 7
+  config.data.source = 'digits'
+  config.data.name = 'digits'
+  config.model.width = 0.125
+  config.moco.queue_size = 1024
+  config.eval.every = 5
+  config.eval.knn_k = 20
+  config.checkpoint.every = 10
+  return config

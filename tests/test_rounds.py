@@ -1,0 +1,132 @@
+"""Rounds: pool sampling, per-client data order, FedAvg over exactly the pool, broadcast."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mocosfl_jax.sfl import moco, rounds
+from mocosfl_jax.sfl.state import Clients, SimState
+
+N, POOL, STEPS, BATCH, SAMPLES = 6, 3, 3, 2, 60
+
+
+def make_state():
+  w = jnp.arange(N, dtype=jnp.float32)[:, None] * jnp.ones((N, 4))
+  clients = Clients(online={'w': w}, ema={'w': -w}, opt={'m': jnp.zeros((N, 4))},
+                    steps=jnp.zeros((N,), jnp.int32))
+  return SimState(server={}, server_ema={}, server_opt={}, clients=clients,
+                  queue=moco.Queue(jnp.zeros((8, 2)), jnp.zeros((), jnp.int32)),
+                  round=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
+
+
+def make_data():
+  # Sample i's pixels all equal i, so a step can tell which samples it got.
+  images = jnp.broadcast_to(jnp.arange(SAMPLES, dtype=jnp.uint8)[:, None, None, None],
+                            (SAMPLES, 2, 2, 3))
+  table = np.arange(SAMPLES, dtype=np.int32).reshape(N, SAMPLES // N)
+  return rounds.ClientData(images, jnp.asarray(table), jnp.full((N,), SAMPLES // N, jnp.int32))
+
+
+def fake_step(state, images, key):
+  """Adds (pool row + 1) to each pool client's weights and 1 to its EMA; reports sample ids."""
+  del key
+  c = state.clients
+  bump = jnp.arange(1, c.online['w'].shape[0] + 1, dtype=jnp.float32)[:, None]
+  clients = c.replace(online={'w': c.online['w'] + bump}, ema={'w': c.ema['w'] + 1},
+                      steps=c.steps + 1)
+  return state.replace(clients=clients, step=state.step + 1), {'ids': images[:, :, 0, 0, 0]}
+
+
+def run(average_ema=False, weighting='uniform', sync_every=2):
+  run_round = jax.jit(rounds.make_round(
+      fake_step, num_clients=N, pool_size=POOL, steps=STEPS, batch_size=BATCH,
+      sync_every=sync_every, average_ema=average_ema, weighting=weighting))
+  key = jax.random.key(0)
+  state = make_state()
+  new_state, metrics = run_round(state, make_data(), key)
+  pool = np.asarray(rounds.sample_pool(jax.random.split(jax.random.fold_in(key, 0), 3)[0], N, POOL))
+  return state, new_state, metrics, pool
+
+
+def test_fedavg_averages_exactly_the_pool_and_broadcasts_to_all():
+  _, new, _, pool = run()
+  # Each step adds j + 1 to pool row j; FedAvg after steps 2 and 3 averages the
+  # pool rows, so everyone ends at mean(pool's start) + 3 * mean(1..POOL).
+  expected = np.mean(pool) + STEPS * np.mean(np.arange(1, POOL + 1))
+  np.testing.assert_allclose(np.asarray(new.clients.online['w']), expected, rtol=1e-6)
+  assert int(new.round) == 1 and int(new.step) == STEPS
+
+
+def test_ema_is_per_client_and_untouched_outside_the_pool():
+  old, new, _, pool = run()
+  ema = np.asarray(new.clients.ema['w'][:, 0])
+  start = -np.arange(N)
+  others = np.setdiff1d(np.arange(N), pool)
+  np.testing.assert_allclose(ema[pool], start[pool] + STEPS)
+  np.testing.assert_allclose(ema[others], start[others])
+  np.testing.assert_array_equal(np.asarray(new.clients.steps)[pool], STEPS)
+  np.testing.assert_array_equal(np.asarray(new.clients.steps)[others], 0)
+
+
+def test_average_ema_option_averages_the_pool_ema_too():
+  _, new, _, pool = run(average_ema=True)
+  np.testing.assert_allclose(np.asarray(new.clients.ema['w']), np.mean(-pool) + STEPS, rtol=1e-6)
+
+
+def test_sync_period_in_steps():
+  """With sync_every=2 of 3 steps, the pool is averaged after step 2 (and at the end) only."""
+  def step_reporting_weights(state, images, key):
+    state, metrics = fake_step(state, images, key)
+    return state, {'w': state.clients.online['w'][:, 0]}
+  run_round = rounds.make_round(step_reporting_weights, num_clients=N, pool_size=POOL,
+                                steps=STEPS, batch_size=BATCH, sync_every=2)
+  _, metrics = jax.jit(run_round)(make_state(), make_data(), jax.random.key(0))
+  after_step = np.asarray(metrics['w'])  # weights after each step, before its FedAvg
+  assert np.ptp(after_step[0]) > 0 and np.ptp(after_step[1]) > 0
+  # Step 3 started from the step-2 average, so its rows differ only by the bumps.
+  np.testing.assert_allclose(after_step[2] - after_step[2][0], np.arange(POOL), rtol=1e-6)
+  # Without the mid-round FedAvg, step 3's rows would still carry their distinct starts.
+  _, metrics = jax.jit(rounds.make_round(
+      step_reporting_weights, num_clients=N, pool_size=POOL, steps=STEPS, batch_size=BATCH,
+      sync_every=STEPS))(make_state(), make_data(), jax.random.key(0))
+  assert not np.allclose(np.asarray(metrics['w'])[2] - np.asarray(metrics['w'])[2][0],
+                         np.arange(POOL))
+
+
+def test_each_client_trains_on_its_own_data_in_a_fresh_order():
+  _, _, metrics, pool = run()
+  ids = np.asarray(metrics['ids'])  # (STEPS, POOL, BATCH)
+  table = np.arange(SAMPLES).reshape(N, -1)
+  for j, client in enumerate(pool):
+    mine = ids[:, j, :].ravel()
+    assert set(mine) <= set(table[client]), f'client {client} got foreign samples'
+    assert len(set(mine)) == len(mine), 'a client saw a sample twice within one pass'
+
+
+def test_data_size_weighting():
+  state = make_state()
+  data = make_data()
+  data = data.replace(counts=jnp.array([10, 1, 10, 1, 10, 1], jnp.int32))
+  run_round = jax.jit(rounds.make_round(
+      fake_step, num_clients=N, pool_size=N, steps=1, batch_size=1, sync_every=1,
+      weighting='data_size'))
+  new, _ = run_round(state, data, jax.random.key(0))
+  weights = np.array([10, 1, 10, 1, 10, 1]) / 33
+  expected = np.sum(weights * (np.arange(N) + np.arange(1, N + 1)))
+  np.testing.assert_allclose(np.asarray(new.clients.online['w']), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('pool_size', [1, 4, N])
+def test_pool_is_drawn_without_replacement(pool_size):
+  pool = np.asarray(rounds.sample_pool(jax.random.key(3), N, pool_size))
+  assert len(pool) == pool_size == len(set(pool.tolist()))
+  assert pool.min() >= 0 and pool.max() < N
+  if pool_size == N:
+    np.testing.assert_array_equal(pool, np.arange(N))
+
+
+def test_short_client_wraps_around_its_own_data():
+  table = jnp.array([[5, 6, 7, -1], [1, 2, 3, 4]], jnp.int32)
+  ids = np.asarray(rounds.sample_batches(jax.random.key(0), table, jnp.array([3, 4]), 3, 2))
+  assert set(ids[:, 0].ravel()) == {5, 6, 7}
+  assert set(ids[:, 1].ravel()) <= {1, 2, 3, 4}
