@@ -20,6 +20,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_rounds = 200           # rounds (the reference's epochs); the pool is drawn once per round
   c.steps_per_round = 0        # server steps per round; 0 = a client's samples // batch_size
   c.sync_every = 50            # FedAvg every this many steps, and always after a round's last step
+  c.round_impl = 'auto'        # scan (a round is one program) | loop (a program per step) | auto
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'digits'     # digits | npz | cifar_python | image_folder | tfds

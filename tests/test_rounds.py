@@ -38,7 +38,7 @@ def fake_step(state, images, key):
 
 
 def run(average_ema=False, weighting='uniform', sync_every=2):
-  run_round = jax.jit(rounds.make_round(
+  run_round = (rounds.make_round(
       fake_step, num_clients=N, pool_size=POOL, steps=STEPS, batch_size=BATCH,
       sync_every=sync_every, average_ema=average_ema, weighting=weighting))
   key = jax.random.key(0)
@@ -80,13 +80,13 @@ def test_sync_period_in_steps():
     return state, {'w': state.clients.online['w'][:, 0]}
   run_round = rounds.make_round(step_reporting_weights, num_clients=N, pool_size=POOL,
                                 steps=STEPS, batch_size=BATCH, sync_every=2)
-  _, metrics = jax.jit(run_round)(make_state(), make_data(), jax.random.key(0))
+  _, metrics = run_round(make_state(), make_data(), jax.random.key(0))
   after_step = np.asarray(metrics['w'])  # weights after each step, before its FedAvg
   assert np.ptp(after_step[0]) > 0 and np.ptp(after_step[1]) > 0
   # Step 3 started from the step-2 average, so its rows differ only by the bumps.
   np.testing.assert_allclose(after_step[2] - after_step[2][0], np.arange(POOL), rtol=1e-6)
   # Without the mid-round FedAvg, step 3's rows would still carry their distinct starts.
-  _, metrics = jax.jit(rounds.make_round(
+  _, metrics = (rounds.make_round(
       step_reporting_weights, num_clients=N, pool_size=POOL, steps=STEPS, batch_size=BATCH,
       sync_every=STEPS))(make_state(), make_data(), jax.random.key(0))
   assert not np.allclose(np.asarray(metrics['w'])[2] - np.asarray(metrics['w'])[2][0],
@@ -107,7 +107,7 @@ def test_data_size_weighting():
   state = make_state()
   data = make_data()
   data = data.replace(counts=jnp.array([10, 1, 10, 1, 10, 1], jnp.int32))
-  run_round = jax.jit(rounds.make_round(
+  run_round = (rounds.make_round(
       fake_step, num_clients=N, pool_size=N, steps=1, batch_size=1, sync_every=1,
       weighting='data_size'))
   new, _ = run_round(state, data, jax.random.key(0))
@@ -130,3 +130,14 @@ def test_short_client_wraps_around_its_own_data():
   ids = np.asarray(rounds.sample_batches(jax.random.key(0), table, jnp.array([3, 4]), 3, 2))
   assert set(ids[:, 0].ravel()) == {5, 6, 7}
   assert set(ids[:, 1].ravel()) <= {1, 2, 3, 4}
+
+
+def test_stepwise_round_equals_one_program_round():
+  results = []
+  for one_program in (True, False):
+    run_round = rounds.make_round(fake_step, num_clients=N, pool_size=POOL, steps=STEPS,
+                                  batch_size=BATCH, sync_every=2, one_program=one_program)
+    state, metrics = run_round(make_state(), make_data(), jax.random.key(7))
+    results.append((state, metrics))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

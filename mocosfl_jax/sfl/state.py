@@ -53,7 +53,8 @@ def init_state(key: jax.Array, client_net, server_net, server_tx: optax.Gradient
   queue = moco.init_queue(k_queue, queue_size, dim, None if feature_sharing else num_clients)
   return SimState(
       server=server_vars,
-      server_ema=server_vars,
+      # A separate copy: the round function donates its input state.
+      server_ema=jax.tree.map(jnp.copy, server_vars),
       server_opt=server_tx.init(server_vars['params']),
       clients=Clients(stack(client_params), stack(client_params), stack(client_opt),
                       jnp.zeros((num_clients,), jnp.int32)),

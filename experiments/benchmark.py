@@ -1,0 +1,120 @@
+"""Times the compiled MocoSFL training step and writes JSON.
+
+    python experiments/benchmark.py --out experiments/results/benchmark_cpu.json
+
+Settings (issue 2, section 8): (a) the paper's 100 clients x batch 1 at cut 1,
+(b) the same at cut 2, (c) 5 clients x batch 20 at cut 1; full-width ResNet-18,
+V2 head, queue 6000. Every setting is timed with each client formulation
+('vmap': grouped convs, 'map': a native conv per client in a device loop,
+'matmul': convs as patches x per-client matrices under vmap) unless --impls
+narrows it. Reports the median of --repeats timed steps after compilation;
+one step includes the on-device augmentation of 2 x n x B images.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mocosfl_jax.data import augment, sources  # noqa: E402
+from mocosfl_jax.models import split  # noqa: E402
+from mocosfl_jax.sfl import optim, state as state_lib, step as step_lib  # noqa: E402
+
+SETTINGS = {
+    'a': dict(clients=100, batch=1, cut_layer=1),
+    'b': dict(clients=100, batch=1, cut_layer=2),
+    'c': dict(clients=5, batch=20, cut_layer=1),
+}
+
+
+def peak_memory_bytes() -> int | None:
+  """Accelerator peak if the backend reports it, else the process's peak RSS."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
+                 repeats: int, queue_size: int) -> dict:
+  client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul')
+  server_net = split.ServerNet(cut_layer, width, 'V2')
+  tx = optim.sgd(0.9, 5e-4)
+  mean, std = sources.normalization('cifar10')
+  train_step = step_lib.make_train_step(
+      client_net, server_net, tx, tx, augment.make_pair_augment('mocov2', mean, std, 32),
+      temperature=0.1, ema_decay=0.99, client_impl='map' if impl == 'map' else 'vmap',
+      server_lr=optim.cosine_per_epoch(0.06, 200),
+      client_lr=lambda steps, rnd: optim.reference_client_cosine(0.06, 200)(steps))
+  state = state_lib.init_state(jax.random.key(0), client_net, server_net, tx, tx,
+                               num_clients=clients, image_size=32, queue_size=queue_size,
+                               feature_sharing=True)
+  images = jax.random.randint(jax.random.key(1), (clients, batch, 32, 32, 3), 0, 256,
+                              jnp.int32).astype(jnp.uint8)
+  step = jax.jit(train_step, donate_argnums=0)
+  tick = time.perf_counter()
+  compiled = step.lower(state, images, jax.random.key(2)).compile()
+  compile_s = time.perf_counter() - tick
+  state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(repeats):
+    tick = time.perf_counter()
+    state, metrics = compiled(state, images, jax.random.key(3 + i))
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - tick)
+  median = statistics.median(times)
+  images_per_step = 2 * clients * batch
+  return {
+      'clients': clients, 'batch_per_client': batch, 'cut_layer': cut_layer, 'impl': impl,
+      'width': width, 'step_seconds_median': median, 'step_seconds_all': times,
+      'steps_per_second': 1.0 / median, 'images_per_second': images_per_step / median,
+      'images_per_step': images_per_step, 'compile_seconds': compile_s,
+      'peak_memory_bytes': peak_memory_bytes(), 'loss': float(metrics['loss']),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='JSON file to write')
+  parser.add_argument('--settings', default='a,b,c', help='comma-separated subset of a,b,c')
+  parser.add_argument('--impls', default='vmap,map,matmul', help='client formulations to time')
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--width', type=float, default=1.0)
+  parser.add_argument('--queue-size', type=int, default=6000)
+  args = parser.parse_args()
+  results = {
+      'date': datetime.date.today().isoformat(),
+      'backend': jax.default_backend(),
+      'devices': [d.device_kind for d in jax.devices()],
+      'cpu_count': os.cpu_count(),
+      'machine': platform.platform(),
+      'jax_version': jax.__version__,
+      'command': ' '.join(sys.argv),
+      'runs': [],
+  }
+  for name in args.settings.split(','):
+    for impl in args.impls.split(','):
+      run = time_setting(**SETTINGS[name], impl=impl, width=args.width, repeats=args.repeats,
+                         queue_size=args.queue_size)
+      run['setting'] = name
+      results['runs'].append(run)
+      print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, 'w') as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
