@@ -127,7 +127,7 @@ def _torch_mlp_predict(params, stats, x):
 
 
 def _assert_trees_close(got, want):
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got, want)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
 
 
 def test_linear_probe_matches_loop_twin():
@@ -250,22 +250,30 @@ def test_cosine_epoch_probe_learns(blobs):
 
 def test_result_bookkeeping_and_determinism(blobs):
   train_x, train_y, test_x, test_y = blobs
-  # Noisy, barely trained: accuracies move between epochs.
-  noisy_x = train_x + np.random.default_rng(0).normal(scale=6.0, size=train_x.shape)
-  args = (noisy_x, train_y, test_x, test_y, NUM_CLASSES)
-  first = probes.linear_probe(*args, key=jax.random.key(1), **_LINEAR_PROBE_ARGS)
-  again = probes.linear_probe(*args, key=jax.random.key(1), **_LINEAR_PROBE_ARGS)
-  other = probes.linear_probe(*args, key=jax.random.key(2), **_LINEAR_PROBE_ARGS)
+  # Noisy features and an oversized learning rate make the test accuracy
+  # wander between epochs.
+  rng = np.random.default_rng(0)
+  args = (train_x + rng.normal(scale=3.0, size=train_x.shape), train_y,
+          test_x + rng.normal(scale=3.0, size=test_x.shape), test_y, NUM_CLASSES)
+  kwargs = dict(_LINEAR_PROBE_ARGS, learning_rate=1.0)
+  first = probes.linear_probe(*args, key=jax.random.key(1), **kwargs)
+  again = probes.linear_probe(*args, key=jax.random.key(1), **kwargs)
+  tied = probes.linear_probe(*args, key=jax.random.key(3), **kwargs)
   assert first == again
-  assert first != other
-  accuracies = first.per_epoch_test_accuracy
-  assert len(accuracies) == 10
-  assert len(set(accuracies)) > 1
-  assert first.best_test_accuracy == max(accuracies) >= first.last_test_accuracy
-  assert first.best_epoch == accuracies.index(max(accuracies))
-  assert first.last_test_accuracy == accuracies[-1]
-  # Accuracies are whole test examples out of 256.
-  assert all(float(a * 256 / 100).is_integer() for a in accuracies)
+  assert first != tied
+  for result in [first, tied]:
+    accuracies = result.per_epoch_test_accuracy
+    assert len(accuracies) == 10
+    assert result.best_test_accuracy == max(accuracies)
+    assert result.last_test_accuracy == accuracies[-1]
+    assert result.best_epoch == accuracies.index(max(accuracies))
+    # Accuracies are whole test examples out of 256.
+    assert all(float(a * 256 / 100).is_integer() for a in accuracies)
+  # The cases these seeds were picked for: a best epoch before the last one,
+  # and a best accuracy reached at several epochs, the first of which counts.
+  assert first.best_test_accuracy > first.last_test_accuracy
+  assert tied.per_epoch_test_accuracy.count(tied.best_test_accuracy) > 1
+  assert tied.best_epoch < 9
 
 
 def test_label_fraction_subset_size_and_key():
