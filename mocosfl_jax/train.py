@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from mocosfl_jax import checkpoint
+from mocosfl_jax import config_checks
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
 from mocosfl_jax.data import augment, partition, sources
@@ -188,43 +190,117 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
   }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains MocoSFL as configured, writing metrics.jsonl and summary.json into workdir."""
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """One boolean on the device: no floating-point leaf of ``tree`` holds NaN or inf."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> dict:
+  """Trains MocoSFL as configured, writing metrics.jsonl and summary.json into workdir.
+
+  A workdir that holds checkpoints resumes from the newest readable one, and
+  the result is exactly that of an uninterrupted run. Checkpoints are saved
+  every ``config.checkpoint.every`` rounds and at the end.
+
+  Args:
+    config: the experiment's config.
+    workdir: directory for metrics, summaries and checkpoints.
+    fresh: delete the workdir's checkpoints and start over instead of resuming.
+
+  Returns:
+    The summary also written to ``workdir/summary.json``.
+
+  Raises:
+    config_checks.ConfigError: a config field that cannot work.
+    checkpoint.CheckpointError: the workdir's checkpoint is of another config.
+    sources.DataError: missing or bad data.
+    FloatingPointError: the loss or the state became non-finite; the
+      checkpoints saved before are kept.
+    checkpoint.Interrupted: SIGINT or SIGTERM stopped the run after a round,
+      whose checkpoint is saved.
+  """
+  config_checks.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()
+  checkpoints = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, fresh=fresh)
+  try:
+    # Before the data is loaded and anything compiles.
+    checkpoints.check_compatible(config)
+    return _run(config, workdir, checkpoints, started)
+  finally:
+    # A save still in flight may hold the last good state: let it land.
+    checkpoints.close()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+         checkpoints: checkpoint.Checkpoints, started: float) -> dict:
   exp = build(config)
   c = exp.config
+  config_checks.validate(c, num_train_samples=len(exp.train),
+                         samples_per_client=[len(ix) for ix in exp.partition.client_indices])
   metrics_lib.write_json(workdir / 'partition.json', exp.partition.summary(exp.train.labels))
 
   root = jax.random.key(c.seed)
   init_key, round_key = jax.random.split(root)
-  state = exp.init_state(init_key)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(exp.init_state, init_key))
+  restored = checkpoints.restore(abstract_state, c)
+  if restored is None:
+    state = exp.init_state(init_key)
+    start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
+  else:
+    state, meta = restored
+    start = meta['round']
+    knn_history = [tuple(entry) for entry in meta['knn_history']]
+    train_seconds, elapsed_before = meta['train_seconds'], meta['elapsed_s']
+    log.info('resuming from the checkpoint of round %d in %s', start, checkpoints.directory)
+  elapsed = lambda: elapsed_before + time.time() - started
   data = exp.client_data()
   test_images = jnp.asarray(exp.test.images)
   info = describe(exp, state)
   log.info('MocoSFL run: %s', json.dumps(info))
   collapse = moco.collapse_value(c.moco.queue_size)
 
-  initial_knn = evaluate_knn(exp, state, data.images, test_images)
-  log.info('kNN accuracy at initialisation: %.2f%%', initial_knn)
-  knn_history = [(0, initial_knn)]
-  train_seconds = 0.0
-  with metrics_lib.MetricsWriter(workdir) as writer:
-    writer.write({'round': 0, 'step': 0, 'knn_accuracy': initial_knn,
-                  'elapsed_s': time.time() - started})
-    bar = tqdm.trange(c.num_rounds, desc='rounds', unit='round', dynamic_ncols=True)
+  metrics_path = workdir / metrics_lib.METRICS_FILENAME
+  if restored is not None:
+    resume_from_round = start
+  elif metrics_path.exists():
+    # A run killed before its first checkpoint: drop all of its records.
+    resume_from_round = -1
+  else:
+    resume_from_round = None
+  with metrics_lib.MetricsWriter(workdir, resume_from_round=resume_from_round) as writer, \
+       checkpoint.StopOnSignal() as signals:
+    if restored is None:
+      initial_knn = evaluate_knn(exp, state, data.images, test_images)
+      log.info('kNN accuracy at initialisation: %.2f%%', initial_knn)
+      knn_history.append((0, initial_knn))
+      writer.write({'round': 0, 'step': 0, 'knn_accuracy': initial_knn,
+                    'elapsed_s': elapsed()})
+    last_saved = start
+    bar = tqdm.tqdm(range(start, c.num_rounds), desc='rounds', unit='round', initial=start,
+                    total=c.num_rounds, dynamic_ncols=True)
     for r in bar:
       tick = time.time()
       state, step_metrics = exp.run_round(state, data, round_key)
-      step_metrics = jax.device_get(step_metrics)
+      step_metrics, finite = jax.device_get((step_metrics, all_finite(state)))
       train_seconds += time.time() - tick
       record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
       rounds_done = r + 1
-      if not np.isfinite(record['loss']):
+      if not (np.isfinite(record['loss']) and finite):
+        what = ('parameters' if np.isfinite(record['loss'])
+                else f'loss {record["loss"]}')
         raise FloatingPointError(
-            f'non-finite loss {record["loss"]} in round {rounds_done} '
-            f'(steps {r * exp.steps_per_round + 1}-{rounds_done * exp.steps_per_round})')
+            f'non-finite {what} in round {rounds_done} '
+            f'(steps {r * exp.steps_per_round + 1}-{rounds_done * exp.steps_per_round}); '
+            + (f'the checkpoint of round {last_saved} is kept' if last_saved
+               else 'no checkpoint was saved'))
       if abs(record['loss'] - collapse) < 0.01 * collapse:
         log.warning('round %d: loss %.3f is at the collapse value 2 ln(K+1) = %.2f',
                     rounds_done, record['loss'], collapse)
@@ -233,10 +309,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         knn_history.append((rounds_done, record['knn_accuracy']))
       if rounds_done % c.log_every == 0 or 'knn_accuracy' in record or rounds_done == c.num_rounds:
         writer.write({'round': rounds_done, 'step': rounds_done * exp.steps_per_round,
-                      **record, 'elapsed_s': time.time() - started})
+                      **record, 'elapsed_s': elapsed()})
       bar.set_postfix(loss=f'{record["loss"]:.3f}',
                       knn=f'{knn_history[-1][1]:.1f}')
+      # Saved after the round's record is written: a resume from this
+      # checkpoint keeps exactly the records up to this round.
+      stop = signals.signum is not None and rounds_done < c.num_rounds
+      if rounds_done % c.checkpoint.every == 0 or rounds_done == c.num_rounds or stop:
+        checkpoints.save(state, rounds_done, c, {
+            'knn_history': knn_history, 'train_seconds': train_seconds,
+            'elapsed_s': elapsed()})
+        last_saved = rounds_done
+      if stop:
+        checkpoints.wait()
+        raise checkpoint.Interrupted(signals.signum, rounds_done)
 
+  initial_knn = knn_history[0][1]
   steps = c.num_rounds * exp.steps_per_round
   images_per_step = 2 * exp.pool_size * c.batch_size
   summary = {
@@ -245,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'best_knn_accuracy': max(a for _, a in knn_history),
       'rounds': c.num_rounds,
       'steps': steps,
-      'wall_seconds': time.time() - started,
+      'wall_seconds': elapsed(),
       'train_seconds': train_seconds,
       'steps_per_second': steps / train_seconds,
       'images_per_second': steps * images_per_step / train_seconds,

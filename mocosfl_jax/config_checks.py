@@ -1,0 +1,211 @@
+"""Config validation: every mistake becomes one line before anything compiles.
+
+:func:`validate` runs at the start of a run, and again once the data is
+partitioned for the rules that depend on the data. A config that fails raises
+:class:`ConfigError` whose message names the field, its value and what is
+allowed; the command line prints it as ``error: <message>``.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from mocosfl_jax import config as config_lib
+from mocosfl_jax.data import augment, partition, sources
+from mocosfl_jax.models import heads, resnet
+
+
+class ConfigError(ValueError):
+  """A config field that cannot work; the message is one line."""
+
+
+# Allowed values of the enumerated fields.
+ENUMS = {
+    'round_impl': ('auto', 'scan', 'loop'),
+    'data.source': sources.SOURCES,
+    'data.partition': partition.PARTITIONS,
+    'model.client_impl': ('auto', 'vmap', 'map', 'matmul'),
+    'moco.version': tuple(heads.HEADS),
+    'moco.augmentation': ('auto',) + augment.VERSIONS,
+    'optim.client_schedule': ('per_client_step', 'per_round'),
+    'fedavg.weighting': ('uniform', 'data_size'),
+}
+
+# The backbone is a flat list of modules; the client keeps [0, cut_layer) and
+# the server needs at least one module of its own.
+MAX_CUT_LAYER = resnet.NUM_MODULES - 1
+# The backbone halves the resolution three times.
+MIN_IMAGE_SIZE = 8
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; nested dicts stay visible as their own keys."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    flat[name] = value
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name + '.'))
+  return flat
+
+
+def _as_dict(config) -> dict[str, Any]:
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    config = config.as_configdict()
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.to_dict()
+  return dict(config)
+
+
+def _type_name(value: Any) -> str:
+  return 'a section' if isinstance(value, Mapping) else type(value).__name__
+
+
+def _check_structure(given: dict[str, Any], default: dict[str, Any]) -> None:
+  """Unknown, missing and wrongly typed fields, judged against the defaults."""
+  for name, value in given.items():
+    if name not in default:
+      close = difflib.get_close_matches(name, list(default), n=1)
+      hint = f': did you mean {close[0]}?' if close else ': remove it'
+      raise ConfigError(f'unknown config field {name} = {value!r}{hint}')
+  for name, expected in default.items():
+    if name not in given:
+      raise ConfigError(f'config field {name} is missing: start the config from '
+                        'mocosfl_jax.config.default_config()')
+    value = given[name]
+    if isinstance(expected, Mapping) != isinstance(value, Mapping):
+      raise ConfigError(f'config field {name} is {_type_name(value)} but must be '
+                        f'{_type_name(expected)}')
+    if isinstance(expected, bool):
+      ok = isinstance(value, bool)
+      want = 'True or False'
+    elif isinstance(expected, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+      want = 'an integer'
+    elif isinstance(expected, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      want = 'a number'
+      if ok and not math.isfinite(value):
+        raise ConfigError(f'config field {name} is {value!r}: must be a finite number')
+    elif isinstance(expected, str):
+      ok = isinstance(value, str)
+      want = 'a string'
+    else:
+      ok = True
+    if not ok:
+      raise ConfigError(f'config field {name} is {value!r} ({type(value).__name__}): '
+                        f'must be {want}')
+
+
+def _rule(name: str, value: Any, ok: bool, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config field {name} is {value!r}: {allowed}')
+
+
+def _check_values(c: dict[str, Any]) -> None:
+  """Ranges and enums of single fields, then rules that tie fields together."""
+  for name, allowed in ENUMS.items():
+    _rule(name, c[name], c[name] in allowed, f'use one of {list(allowed)}')
+
+  at_least = lambda low: (lambda v: v >= low, f'must be >= {low}')
+  positive = (lambda v: v > 0, 'must be > 0')
+  unit = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
+  ranges: dict[str, tuple[Callable[[Any], bool], str]] = {
+      'seed': at_least(0),
+      'num_clients': at_least(1),
+      'client_sample_ratio': unit,
+      'batch_size': at_least(1),
+      'cut_layer': (lambda v: 1 <= v <= MAX_CUT_LAYER,
+                    f'must be in 1..{MAX_CUT_LAYER} (the backbone has '
+                    f'{resnet.NUM_MODULES} modules and the server needs at least one)'),
+      'noniid_ratio': unit,
+      'num_rounds': at_least(1),
+      'steps_per_round': (lambda v: v >= 0, 'must be >= 0 (0 = one pass over a client\'s data)'),
+      'sync_every': at_least(1),
+      'log_every': at_least(1),
+      'data.name': (bool, 'must name the dataset'),
+      'data.dirichlet_alpha': positive,
+      'data.data_proportion': unit,
+      'model.width': positive,
+      'model.image_size': at_least(MIN_IMAGE_SIZE),
+      'moco.queue_size': at_least(1),
+      'moco.temperature': positive,
+      'moco.ema_decay': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+      'optim.lr': (lambda v: v >= 0, 'must be >= 0'),
+      'optim.momentum': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+      'optim.weight_decay': (lambda v: v >= 0, 'must be >= 0'),
+      'eval.every': at_least(1),
+      'eval.knn_k': at_least(1),
+      'eval.knn_temperature': positive,
+      'eval.batch_size': at_least(1),
+      'eval.probe_epochs': at_least(1),
+      'checkpoint.every': at_least(1),
+      'checkpoint.keep': at_least(1),
+  }
+  for name, (ok, allowed) in ranges.items():
+    _rule(name, c[name], ok(c[name]), allowed)
+
+  try:
+    partition.parse_hetero(c['data.hetero'], c['num_clients'])
+  except sources.DataError as e:
+    raise ConfigError(str(e)) from None
+
+  # Every step writes 2 x (pool x batch) keys into the ring buffer; more keys
+  # than rows would overwrite rows written in the same step.
+  pool = max(int(c['client_sample_ratio'] * c['num_clients']), 1)
+  batch = c['batch_size']
+  if c['moco.feature_sharing']:
+    need = 2 * pool * batch
+    _rule('moco.queue_size', c['moco.queue_size'], c['moco.queue_size'] >= need,
+          f'the shared queue must hold a step\'s 2 x pool {pool} x batch_size {batch} = '
+          f'{need} keys: raise it or lower batch_size')
+  else:
+    per_client = c['moco.queue_size'] // c['num_clients']
+    _rule('moco.queue_size', c['moco.queue_size'], per_client >= 2 * batch,
+          f'without feature sharing each of {c["num_clients"]} clients gets {per_client} keys '
+          f'but a step writes 2 x batch_size {batch} = {2 * batch}: use at least '
+          f'{2 * batch * c["num_clients"]}')
+
+
+def _check_data(c: dict[str, Any], num_train_samples: int | None,
+                samples_per_client: int | Sequence[int] | None) -> None:
+  """Rules that need the size of the training set or of the clients' shares."""
+  if num_train_samples is not None:
+    kept = int(c['data.data_proportion'] * num_train_samples + 1e-9)
+    _rule('num_clients', c['num_clients'], c['num_clients'] <= kept,
+          f'only {kept} training samples are kept (data.data_proportion '
+          f'{c["data.data_proportion"]} of {num_train_samples}): at most one client per sample')
+    _rule('eval.knn_k', c['eval.knn_k'], c['eval.knn_k'] <= num_train_samples,
+          f'must be at most the {num_train_samples} training samples in the kNN bank')
+  if samples_per_client is not None:
+    if isinstance(samples_per_client, int):
+      smallest = samples_per_client
+    else:
+      smallest = min(int(n) for n in samples_per_client)
+    _rule('batch_size', c['batch_size'], c['batch_size'] <= smallest,
+          f'the smallest client holds {smallest} samples, fewer than one batch: lower '
+          'batch_size or num_clients, or raise data.data_proportion')
+
+
+def validate(config, *, num_train_samples: int | None = None,
+             samples_per_client: int | Sequence[int] | None = None) -> None:
+  """Raises :class:`ConfigError` for the first field that cannot work.
+
+  Args:
+    config: the run's ConfigDict (or a plain nested dict of the same fields).
+    num_train_samples: size of the full training split, once it is loaded.
+    samples_per_client: each client's sample count (or the smallest one), once
+      the data is partitioned.
+
+  Raises:
+    ConfigError: an unknown, missing or mistyped field, a value out of range,
+      an unknown enum value or a combination of fields that cannot run. The
+      message names the field, its value and what is allowed, on one line.
+  """
+  given = _flatten(_as_dict(config))
+  _check_structure(given, _flatten(config_lib.default_config().to_dict()))
+  _check_values(given)
+  _check_data(given, num_train_samples, samples_per_client)

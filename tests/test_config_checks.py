@@ -1,0 +1,174 @@
+"""Config validation: each rule rejects its bad value with one line naming the field."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from mocosfl_jax import config as config_lib
+from mocosfl_jax import config_checks
+from mocosfl_jax.config_checks import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
+
+
+def with_fields(**fields):
+  """The default config with dotted fields (given with '__' for '.') replaced."""
+  c = config_lib.default_config()
+  for name, value in fields.items():
+    *sections, leaf = name.split('__')
+    node = c
+    for section in sections:
+      node = node[section]
+    with c.ignore_type():
+      node[leaf] = value
+  return c
+
+
+def rejects(config, field, **data):
+  with pytest.raises(ConfigError) as info:
+    config_checks.validate(config, **data)
+  message = str(info.value)
+  assert field in message
+  assert '\n' not in message
+  return message
+
+
+def test_defaults_and_shipped_configs_pass():
+  config_checks.validate(config_lib.default_config())
+  config_checks.validate(ml_collections.FrozenConfigDict(config_lib.default_config()))
+  for name in ('quickstart', 'cifar10_1000', 'cifar10_5clients'):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, 'configs', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_checks.validate(module.get_config())
+
+
+@pytest.mark.parametrize('field, value', [
+    ('num_clients', 0),
+    ('client_sample_ratio', 0.0),
+    ('client_sample_ratio', 1.5),
+    ('batch_size', 0),
+    ('cut_layer', 0),
+    ('cut_layer', 9),
+    ('noniid_ratio', 0.0),
+    ('noniid_ratio', 1.01),
+    ('num_rounds', 0),
+    ('steps_per_round', -1),
+    ('sync_every', 0),
+    ('log_every', 0),
+    ('seed', -1),
+    ('data.source', 'mnist_zip'),
+    ('data.partition', 'random'),
+    ('data.name', ''),
+    ('data.dirichlet_alpha', 0.0),
+    ('data.data_proportion', 0.0),
+    ('data.data_proportion', 2.0),
+    ('model.width', 0.0),
+    ('model.width', -0.5),
+    ('model.image_size', 4),
+    ('model.client_impl', 'pmap'),
+    ('moco.version', 'V3'),
+    ('moco.augmentation', 'simclr'),
+    ('moco.queue_size', 0),
+    ('moco.temperature', 0.0),
+    ('moco.ema_decay', -0.1),
+    ('moco.ema_decay', 1.1),
+    ('optim.lr', -0.1),
+    ('optim.momentum', 1.0),
+    ('optim.weight_decay', -1e-4),
+    ('optim.client_schedule', 'per_step'),
+    ('fedavg.weighting', 'by_size'),
+    ('eval.every', 0),
+    ('eval.knn_k', 0),
+    ('eval.knn_temperature', 0.0),
+    ('eval.batch_size', 0),
+    ('eval.probe_epochs', 0),
+    ('checkpoint.every', 0),
+    ('checkpoint.keep', 0),
+])
+def test_out_of_range_or_unknown_value(field, value):
+  message = rejects(with_fields(**{field.replace('.', '__'): value}), field)
+  assert repr(value) in message
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('num_clients', 2.5, 'an integer'),
+    ('num_rounds', True, 'an integer'),
+    ('model.width', '0.5', 'a number'),
+    ('moco.temperature', float('nan'), 'finite'),
+    ('moco.feature_sharing', 1, 'True or False'),
+    ('data.source', 3, 'a string'),
+    ('moco', 'V2', 'section'),
+])
+def test_wrong_type(field, value, expected):
+  assert expected in rejects(with_fields(**{field.replace('.', '__'): value}), field)
+
+
+def test_ints_are_accepted_for_float_fields():
+  config_checks.validate(with_fields(model__width=1, moco__ema_decay=1))
+
+
+def test_unknown_field_from_a_config_file_suggests_the_right_name():
+  c = config_lib.default_config()
+  c.moco.temprature = 0.2  # A config file can add fields; overrides cannot.
+  assert 'did you mean moco.temperature' in rejects(c, 'moco.temprature')
+  c = config_lib.default_config()
+  c.extra = ml_collections.ConfigDict({'x': 1})
+  rejects(c, 'extra')
+
+
+def test_missing_field():
+  c = config_lib.default_config().to_dict()
+  del c['eval']['knn_k']
+  rejects(c, 'eval.knn_k')
+
+
+def test_hetero_string_is_checked_before_any_data():
+  rejects(with_fields(data__hetero='0.2_0.8|16'), 'data.hetero')
+
+
+def test_shared_queue_must_hold_a_steps_keys():
+  # 10 clients x batch 5 x 2 views = 100 keys per step.
+  ok = with_fields(num_clients=10, batch_size=5, moco__queue_size=100)
+  config_checks.validate(ok)
+  message = rejects(with_fields(num_clients=10, batch_size=5, moco__queue_size=99),
+                    'moco.queue_size')
+  assert '100' in message
+  # Only the pool's clients write keys.
+  config_checks.validate(with_fields(num_clients=10, client_sample_ratio=0.5, batch_size=5,
+                                     moco__queue_size=50))
+
+
+def test_per_client_queue_must_hold_a_clients_keys():
+  base = dict(num_clients=10, batch_size=5, moco__feature_sharing=False)
+  config_checks.validate(with_fields(moco__queue_size=100, **base))
+  assert 'at least 100' in rejects(with_fields(moco__queue_size=99, **base), 'moco.queue_size')
+
+
+def test_batch_larger_than_the_smallest_client():
+  c = with_fields(batch_size=8)
+  config_checks.validate(c, samples_per_client=[8, 9, 20])
+  assert '7 samples' in rejects(c, 'batch_size', samples_per_client=[8, 7, 20])
+  rejects(c, 'batch_size', samples_per_client=3)
+
+
+def test_rules_that_need_the_training_set_size():
+  c = with_fields(num_clients=100, data__data_proportion=0.1)
+  config_checks.validate(c, num_train_samples=1000)
+  rejects(c, 'num_clients', num_train_samples=999)
+  rejects(with_fields(eval__knn_k=201), 'eval.knn_k', num_train_samples=200)
+
+
+def test_command_line_prints_one_error_line_without_traceback(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  result = subprocess.run(
+      [sys.executable, '-m', 'mocosfl_jax.main', '--config=configs/quickstart.py',
+       '--config.moco.temperature=-1.0', f'--workdir={tmp_path}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  assert 'error: config field moco.temperature is -1.0: must be > 0' in result.stderr
