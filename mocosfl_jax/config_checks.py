@@ -131,6 +131,7 @@ def _check_values(c: dict[str, Any]) -> None:
       'data.data_proportion': unit,
       'model.width': positive,
       'model.image_size': at_least(MIN_IMAGE_SIZE),
+      'moco.crop_scale_min': unit,
       'moco.queue_size': at_least(1),
       'moco.temperature': positive,
       'moco.ema_decay': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),

@@ -122,7 +122,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   version = c.moco.augmentation
   if version == 'auto':
     version = 'mocov1' if c.moco.version == 'V1' else 'mocov2'
-  pair_augment = augment.make_pair_augment(version, mean, std, c.model.image_size)
+  pair_augment = augment.make_pair_augment(version, mean, std, c.model.image_size,
+                                          (c.moco.crop_scale_min, 1.0))
   train_step = step_lib.make_train_step(
       client_net, server_net, server_tx, client_tx, pair_augment,
       temperature=c.moco.temperature, ema_decay=c.moco.ema_decay,

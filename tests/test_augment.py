@@ -65,10 +65,10 @@ def _jitted_augment(version):
 
 
 @functools.lru_cache(maxsize=None)
-def _sampled_params(version, count=20000, height=32, width=32):
+def _sampled_params(version, count=20000, height=32, width=32, crop_scale=augment.CROP_SCALE):
   keys = jax.random.split(jax.random.key(7), count)
   sample = functools.partial(augment.sample_view_params, version=version, height=height,
-                             width=width)
+                             width=width, crop_scale=crop_scale)
   return jax.tree.map(np.asarray, jax.jit(jax.vmap(sample))(keys))
 
 
@@ -222,6 +222,12 @@ def test_crop_boxes_follow_scale_and_ratio_and_torchvision_distribution():
   # The offset is uniform over the room left: on average half of it.
   room = size - h
   assert abs(np.mean(top[room > 0] / room[room > 0]) - 0.5) < 0.01
+
+
+def test_crop_scale_is_configurable():
+  _, _, h, w = (np.asarray(v) for v in _sampled_params('mocov2', 5000, 224, 224, (0.5, 1.0)).box)
+  fraction = h * w / 224**2
+  assert fraction.min() >= 0.5 * 0.98 and fraction.min() < 0.52 and fraction.max() > 0.95
 
 
 def test_crop_boxes_on_cifar_sized_images_fit():

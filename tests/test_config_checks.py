@@ -73,6 +73,8 @@ def test_defaults_and_shipped_configs_pass():
     ('model.client_impl', 'pmap'),
     ('moco.version', 'V3'),
     ('moco.augmentation', 'simclr'),
+    ('moco.crop_scale_min', 0.0),
+    ('moco.crop_scale_min', 1.5),
     ('moco.queue_size', 0),
     ('moco.temperature', 0.0),
     ('moco.ema_decay', -0.1),

@@ -248,7 +248,8 @@ def _check_version(version: str):
     raise ValueError(f'unknown augmentation version {version!r}; allowed: {", ".join(VERSIONS)}')
 
 
-def sample_view_params(key, version: str, height: int, width: int) -> ViewParams:
+def sample_view_params(key, version: str, height: int, width: int,
+                       crop_scale=CROP_SCALE) -> ViewParams:
   """Draws the random choices of one view of one (height, width) image.
 
   Everything comes from one vector of uniforms: each separate jax.random call
@@ -260,7 +261,7 @@ def sample_view_params(key, version: str, height: int, width: int) -> ViewParams
   crop, u = u[:num_crop], u[num_crop:]
   low, high = jnp.asarray(JITTER_LOW), jnp.asarray(JITTER_HIGH)
   return ViewParams(
-      box=_crop_box(crop, height, width, CROP_SCALE, CROP_RATIO, CROP_ATTEMPTS),
+      box=_crop_box(crop, height, width, crop_scale, CROP_RATIO, CROP_ATTEMPTS),
       jitter=u[0] < JITTER_P,
       factors=low + (high - low) * u[1:5],
       # The ranks of i.i.d. uniforms are a uniformly random permutation.
@@ -288,7 +289,7 @@ def apply_view_params(image, params: ViewParams, version: str, out_size: int):
   return jnp.where(params.flip, hflip(x), x)
 
 
-def make_pair_augment(version: str, mean, std, out_size: int = 32):
+def make_pair_augment(version: str, mean, std, out_size: int = 32, crop_scale=CROP_SCALE):
   """Builds the two-view augmentation of the reference's pair loaders.
 
   Args:
@@ -296,6 +297,7 @@ def make_pair_augment(version: str, mean, std, out_size: int = 32):
     mean: per-channel mean subtracted after scaling to [0, 1].
     std: per-channel std divided by after that.
     out_size: side of the square output views.
+    crop_scale: (min, max) fraction of the image area a crop covers.
 
   Returns:
     ``augment(key, images) -> (view1, view2)``: images uint8 (B, H, W, 3);
@@ -309,7 +311,7 @@ def make_pair_augment(version: str, mean, std, out_size: int = 32):
   std = np.asarray(std, np.float32)
 
   def one_view(key, image):
-    params = sample_view_params(key, version, image.shape[0], image.shape[1])
+    params = sample_view_params(key, version, image.shape[0], image.shape[1], crop_scale)
     return apply_view_params(image, params, version, out_size)
 
   def augment(key, images):
