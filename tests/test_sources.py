@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import time
 
 import ml_collections
@@ -16,6 +17,19 @@ from mocosfl_jax.data import sources
 from mocosfl_jax.data.sources import DataError
 
 CLASSES = ('cat', 'dog', 'frog')
+
+
+@pytest.fixture(autouse=True)
+def _private_tempdir(tmp_path, monkeypatch):
+  """Puts the folders that tfds makes with tempfile.mkdtemp under tmp_path.
+
+  tfds never deletes them: DatasetInfo.initialize_from_bucket leaves one in
+  the system's temporary directory whenever a builder opens an unprepared
+  folder.
+  """
+  folder = tmp_path / 'tempfile'
+  folder.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(folder))
 
 
 def _config(tmp_path, source, path='', name='cifar10', data_dir=''):
