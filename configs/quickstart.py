@@ -4,8 +4,11 @@
 
 100 clients holding 2 digit classes each (the paper's non-IID shard split),
 batch 1 per client, all 100 clients in every step, a narrow ResNet-18
-(width 1/8), cut layer 1. Expected on 2 CPU cores: about 3 minutes, kNN
-accuracy rising from about 77% at initialisation to about 90%.
+(width 1/8), cut layer 1, 25 rounds of 14 steps. Crops keep at least 30% of
+the image (the reference's 8% leaves nothing of an 8x8 digit blown up to
+32x32) and the queue holds 256 keys (1,437 training images: a larger queue is
+mostly stale copies of the same images). Expected on 2 CPU cores: about 4
+minutes, kNN accuracy rising from 67% at initialisation to about 90%.
 """
 from mocosfl_jax import config as base
 
@@ -16,12 +19,13 @@ def get_config():
   config.noniid_ratio = 0.2
   config.batch_size = 1
   config.cut_layer = 1
-  config.num_rounds = 30
+  config.num_rounds = 25
   config.sync_every = 7
   config.data.source = 'digits'
   config.data.name = 'digits'
   config.model.width = 0.125
-  config.moco.queue_size = 1024
+  config.moco.crop_scale_min = 0.3
+  config.moco.queue_size = 256
   config.eval.every = 5
   config.eval.knn_k = 20
   config.checkpoint.every = 10
