@@ -23,7 +23,7 @@ from mocosfl_jax import config_checks
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
 from mocosfl_jax.data import augment, partition, sources
-from mocosfl_jax.evaluation import features, knn
+from mocosfl_jax.evaluation import features, final
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import moco, optim, rounds, state as state_lib, step as step_lib
 
@@ -147,12 +147,43 @@ def evaluate_knn(exp: Experiment, state: state_lib.SimState, bank_images, test_i
 
   After every round's closing FedAvg all clients hold the same online model.
   """
-  client0 = jax.tree.map(lambda x: x[0], state.clients.online)
-  bank = exp.embed(client0, state.server, bank_images, head=True)
-  queries = exp.embed(client0, state.server, test_images, head=True)
-  return float(knn.knn_accuracy(bank, exp.train.labels, queries, exp.test.labels,
-                                exp.train.num_classes, k=exp.config.eval.knn_k,
-                                temperature=exp.config.eval.knn_temperature))
+  return final.knn_accuracy(exp, final.eval_model(state), bank_images, test_images)
+
+
+def on_device(abstract_tree):
+  """``abstract_tree``'s shapes and dtypes on the first device, as orbax restores them."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      abstract_tree)
+
+
+def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnnModel,
+                 knn_history: list[tuple[int, float]], abstract_state, bank_images,
+                 test_images) -> dict:
+  """The probes of the final model and of the best-kNN model (spec 4.9, 5.2, 5.3).
+
+  The best-kNN model is left out, with a warning, when the workdir no longer
+  holds the model of the best kNN accuracy in ``knn_history``: then the
+  reference's numbers come from the final model, as the result says.
+  """
+  c = exp.config
+  models = {'final': (f'final model (round {c.num_rounds})', c.num_rounds,
+                      final.eval_model(state))}
+  best_recorded = max(a for r, a in knn_history if r > 0)
+  try:
+    restored = best.restore(on_device(jax.eval_shape(final.eval_model, abstract_state)), c)
+  except checkpoint.CheckpointError as e:
+    log.warning('%s', e)
+    restored = None
+  if restored is None or restored[1]['knn_accuracy'] < best_recorded:
+    log.warning('the best-kNN model (%.2f%%) is not in %s: probing the final model only',
+                best_recorded, best.directory)
+  else:
+    model, meta = restored
+    models['best_knn'] = (f'best-kNN model (round {meta["round"]}, kNN '
+                          f'{meta["knn_accuracy"]:.2f}%)', meta['round'], model)
+  return final.final_evaluation(exp, models, final.probe_key(c.seed), c.eval.probe_epochs,
+                                bank_images, test_images)
 
 
 # ---------------------------------------------------------------------------
@@ -247,12 +278,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   root = jax.random.key(c.seed)
   init_key, round_key = jax.random.split(root)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(exp.init_state, init_key))
+  abstract_state = on_device(jax.eval_shape(exp.init_state, init_key))
   restored = checkpoints.restore(abstract_state, c)
+  best = final.BestKnnModel(workdir)
   if restored is None:
+    # A best-kNN model left here belongs to a discarded run.
+    best.clear()
     state = exp.init_state(init_key)
     start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
   else:
@@ -267,6 +298,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   info = describe(exp, state)
   log.info('MocoSFL run: %s', json.dumps(info))
   collapse = moco.collapse_value(c.moco.queue_size)
+  # The reference selects among trained models (rounds >= 1) only.
+  best_meta = best.meta(c)
+  best_knn = max([a for r, a in knn_history if r > 0]
+                 + ([best_meta['knn_accuracy']] if best_meta else []), default=-math.inf)
 
   metrics_path = workdir / metrics_lib.METRICS_FILENAME
   if restored is not None:
@@ -306,8 +341,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         log.warning('round %d: loss %.3f is at the collapse value 2 ln(K+1) = %.2f',
                     rounds_done, record['loss'], collapse)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
-        record['knn_accuracy'] = evaluate_knn(exp, state, data.images, test_images)
+        model = final.eval_model(state)
+        record['knn_accuracy'] = final.knn_accuracy(exp, model, data.images, test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
+        if record['knn_accuracy'] > best_knn:
+          best_knn = record['knn_accuracy']
+          best.save(model, rounds_done, best_knn, c)
       if rounds_done % c.log_every == 0 or 'knn_accuracy' in record or rounds_done == c.num_rounds:
         writer.write({'round': rounds_done, 'step': rounds_done * exp.steps_per_round,
                       **record, 'elapsed_s': elapsed()})
@@ -341,5 +380,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       'run': info,
       'config': c.to_dict(),
   }
+  if c.eval.final_probes:
+    summary['probes'] = final_probes(exp, state, best, knn_history, abstract_state,
+                                     data.images, test_images)
   metrics_lib.write_json(workdir / 'summary.json', summary)
   return summary
