@@ -161,8 +161,12 @@ def final_evaluation(exp, models: Mapping[str, tuple[str, int, Mapping[str, Any]
   test_images = jnp.asarray(exp.test.images) if test_images is None else test_images
   by_round = {}
   evaluated = {}
+  device = jax.devices()[0]
   for name, (description, round_, model) in models.items():
     if round_ not in by_round:
+      # Committed to the device, as restored arrays are: jit caches programs
+      # by committedness, and a mix would compile every one twice.
+      model = jax.device_put(model, device)
       by_round[round_] = {
           'knn_accuracy': knn_accuracy(exp, model, bank_images, test_images),
           **probe_model(exp, model, bank_images, test_images, key, epochs)}
