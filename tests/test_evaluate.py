@@ -1,0 +1,125 @@
+"""Final evaluations: the probes in summary.json and the evaluate command."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mocosfl_jax import checkpoint
+from mocosfl_jax import config as config_lib
+from mocosfl_jax import evaluate
+from mocosfl_jax import metrics as metrics_lib
+from mocosfl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
+PROBE_EPOCHS = 3
+NUM_ROUNDS = 4
+PROBES = ('linear', 'mlp_10pct', 'mlp_1pct')
+
+
+def tiny_config():
+  c = config_lib.default_config()
+  c.num_clients = 10
+  c.noniid_ratio = 0.2
+  c.batch_size = 2
+  c.cut_layer = 1
+  c.num_rounds = NUM_ROUNDS
+  c.steps_per_round = 2
+  c.sync_every = 2
+  c.data.source = 'digits'
+  c.data.name = 'digits'
+  c.model.width = 0.0625
+  c.moco.queue_size = 64
+  c.eval.every = 2
+  c.eval.knn_k = 10
+  c.eval.final_probes = True
+  c.eval.probe_epochs = PROBE_EPOCHS
+  c.checkpoint.every = 1
+  c.log_every = 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A finished tiny digits run with its probes: (workdir, summary)."""
+  workdir = tmp_path_factory.mktemp('run')
+  return workdir, train.run(tiny_config(), str(workdir))
+
+
+def test_summary_reports_the_probes_of_the_final_and_best_knn_models(finished_run):
+  workdir, summary = finished_run
+  assert json.loads((workdir / 'summary.json').read_text()) == summary
+  probes = summary['probes']
+  assert probes['probe_epochs'] == PROBE_EPOCHS
+  models = probes['models']
+  assert set(models) == {'final', 'best_knn'}
+
+  with open(workdir / metrics_lib.METRICS_FILENAME) as f:
+    evaluated = [(r['round'], r['knn_accuracy']) for r in map(json.loads, f)
+                 if 'knn_accuracy' in r and r['round'] > 0]
+  best_round, best_knn = max(evaluated, key=lambda entry: entry[1])
+  # The kNN accuracies are measured again on the probed models: they are the
+  # models of those rounds.
+  assert models['final']['round'] == NUM_ROUNDS
+  assert models['final']['knn_accuracy'] == summary['final_knn_accuracy']
+  assert models['best_knn']['round'] == best_round
+  assert models['best_knn']['knn_accuracy'] == best_knn
+
+  num_train = summary['run']['train_samples']
+  labelled = {'linear': num_train, 'mlp_10pct': int(0.1 * num_train),
+              'mlp_1pct': int(0.01 * num_train)}
+  for entry in models.values():
+    for probe in PROBES:
+      result = entry[probe]
+      assert 0 <= result['last_epoch'] <= result['best_epoch'] <= 100
+      assert 0 <= result['best_epoch_index'] < PROBE_EPOCHS
+      assert result['labelled_examples'] == labelled[probe]
+
+  reference, honest = probes['reference_numbers'], probes['honest_numbers']
+  assert reference['model'] == 'best_knn'
+  assert honest['model'] == 'final'
+  for probe in PROBES:
+    assert reference[probe] == models['best_knn'][probe]['best_epoch']
+    assert honest[probe] == models['final'][probe]['last_epoch']
+
+
+def test_evaluate_reproduces_the_summary_probes(finished_run):
+  workdir, summary = finished_run
+  evaluation = evaluate.run(workdir)
+  assert evaluation['models'] == summary['probes']['models']
+  assert evaluation['reference_numbers'] == summary['probes']['reference_numbers']
+  assert evaluation['honest_numbers'] == summary['probes']['honest_numbers']
+  assert json.loads((workdir / evaluate.EVALUATION_FILENAME).read_text()) == evaluation
+
+
+def test_evaluate_rejects_missing_and_unreadable_checkpoints(finished_run, tmp_path):
+  workdir, _ = finished_run
+  with pytest.raises(evaluate.EvaluationError, match='no directory'):
+    evaluate.run(tmp_path / 'absent')
+  with pytest.raises(evaluate.EvaluationError, match=r'saved rounds \[2, 3, 4\]'):
+    evaluate.run(workdir, '1')
+  with pytest.raises(evaluate.EvaluationError, match='no best-kNN model'):
+    evaluate.run(tmp_path, 'best')
+
+  broken = tmp_path / 'broken'
+  shutil.copytree(workdir / checkpoint.CHECKPOINT_DIR, broken / checkpoint.CHECKPOINT_DIR)
+  shutil.rmtree(broken / checkpoint.CHECKPOINT_DIR / str(NUM_ROUNDS) / 'meta')
+  with pytest.raises(evaluate.EvaluationError, match=f'{NUM_ROUNDS} is unreadable'):
+    evaluate.run(broken)
+  assert not (broken / evaluate.EVALUATION_FILENAME).exists()
+  # Read-only: the broken checkpoint is neither moved nor repaired.
+  assert (broken / checkpoint.CHECKPOINT_DIR / str(NUM_ROUNDS) / 'state').is_dir()
+
+
+def test_command_line_prints_one_error_line_for_an_empty_workdir(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  result = subprocess.run(
+      [sys.executable, '-m', 'mocosfl_jax.evaluate', f'--workdir={tmp_path}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1] == f'error: {tmp_path} holds no checkpoint (none in {tmp_path}/checkpoints)'
+  assert not (tmp_path / evaluate.EVALUATION_FILENAME).exists()
