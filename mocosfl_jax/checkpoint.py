@@ -24,7 +24,6 @@ used. A checkpoint written under a different config raises
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import pathlib
 import shutil
@@ -32,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -106,20 +105,47 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
-@contextlib.contextmanager
-def _quiet_unraisable() -> Iterator[None]:
-  """Swallows the 'Exception ignored in coroutine' reports of a failed read.
+def _closed_loop_report(unraisable) -> bool:
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
 
-  Orbax reads arrays in concurrent coroutines; when one fails, the others'
-  errors surface through sys.unraisablehook as tracebacks on stderr, long
-  after the one error that restore() raises and that we report.
+
+class _OrphanedReads(logging.Filter):
+  """Drops asyncio's reports of orbax and TensorStore failures nobody awaited."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith(('Task exception was never retrieved',
+                                    'Future exception was never retrieved'))
+                and ('orbax' in message or 'tensorstore' in message))
+
+
+def quiet_failed_reads() -> None:
+  """Keeps the late reports of a failed read's other arrays off stderr.
+
+  Orbax reads arrays in concurrent tasks on an event loop that it closes as
+  soon as one read fails. TensorStore still completes the other reads: each
+  callback, finding the loop closed, reports 'RuntimeError: Event loop is
+  closed' through sys.unraisablehook, and each task or future that failed
+  too is logged by asyncio as '... exception was never retrieved' when it is
+  collected. That is up to a traceback per array on stderr, around the one
+  error that restore() raises and that we report. They can come after
+  restore() has returned, so the filters installed here stay; every other
+  report passes. Call it before reading a checkpoint.
   """
+  asyncio_log = logging.getLogger('asyncio')
+  if not any(isinstance(f, _OrphanedReads) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_OrphanedReads())
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous
+  if getattr(previous, 'quiet_failed_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _closed_loop_report(unraisable):
+      previous(unraisable)
+
+  hook.quiet_failed_reads = True
+  sys.unraisablehook = hook
 
 
 class Checkpoints:
@@ -188,9 +214,9 @@ class Checkpoints:
     """
     for step in self.steps():
       try:
-        with _quiet_unraisable():
-          meta = self._manager.restore(step, args=ocp.args.Composite(
-              meta=ocp.args.JsonRestore())).meta
+        quiet_failed_reads()
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
         self._check(step, meta, config)
         return step
       except CheckpointError:
@@ -212,9 +238,9 @@ class Checkpoints:
     """
     for step in self.steps():
       try:
-        with _quiet_unraisable():
-          restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        quiet_failed_reads()
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         self._check(step, restored.meta, config)
         if int(restored.state.round) != step or restored.meta['round'] != step:
           raise ValueError(f'it holds round {int(restored.state.round)}')

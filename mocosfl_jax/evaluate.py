@@ -45,9 +45,9 @@ class EvaluationError(ValueError):
 def _read(path: pathlib.Path, **items) -> Any:
   """Restores ``items`` (orbax restore args by item name) from a checkpoint folder."""
   try:
-    with checkpoint._quiet_unraisable():  # pylint: disable=protected-access
-      return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-          path, args=ocp.args.Composite(**items))
+    checkpoint.quiet_failed_reads()
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+        path, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  (any read failure)
     reason = ' '.join(str(e).split())[:200]
     raise EvaluationError(f'checkpoint {path} is unreadable ({type(e).__name__}: {reason}); '

@@ -285,9 +285,9 @@ class BestKnnModel:
       return None
     path = self.directory / str(meta['round'])
     try:
-      with checkpoint._quiet_unraisable():  # pylint: disable=protected-access
-        restored = self._checkpointer.restore(path, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_model), meta=ocp.args.JsonRestore()))
+      checkpoint.quiet_failed_reads()
+      restored = self._checkpointer.restore(path, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(abstract_model), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (any read failure)
       reason = ' '.join(str(e).split())[:200]
       raise checkpoint.CheckpointError(
