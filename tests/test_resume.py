@@ -31,7 +31,8 @@ from mocosfl_jax import train
 # A failed read must not spill its other arrays' errors (checkpoint.quiet_failed_reads).
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 
-NUM_ROUNDS = 6
+# Rounds 6 to 8 leave the SIGKILL below a window of several seconds on a busy machine.
+NUM_ROUNDS = 8
 # Ten clients of the digits data, a 1/16-width ResNet-18 and a few steps:
 # compiling is most of the cost.
 OVERRIDES = {
@@ -192,7 +193,7 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
   assert _last_record_round(workdir) == stopped
 
   # Resumed with checkpoints every 2 rounds, so that its metrics run ahead of
-  # its checkpoints: SIGKILL once round 5 is logged and 4 saved, during round 6.
+  # its checkpoints: SIGKILL once round 5 is logged and 4 saved, in round 6 or later.
   second = _start(tmp_path, workdir, compile_cache, 'sigkill', '--config.checkpoint.every=2')
   _wait_until(second, lambda: _last_record_round(workdir) >= 5 and (checkpoints / '4').exists(),
               'round 5')
@@ -201,19 +202,19 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
   assert f'resuming from the checkpoint of round {stopped}' in (
       tmp_path / 'sigkill.log').read_text()
   rounds = _checkpoint_rounds(workdir)
-  assert rounds[-1] == 4 and _last_record_round(workdir) == 5
-  previous = rounds[-2]  # 2, unless SIGTERM came late
+  newest, previous = rounds[-1], rounds[-2]
+  assert newest in (4, 6) and 5 <= _last_record_round(workdir) < NUM_ROUNDS
 
   # The newest checkpoint is damaged: the same command again, in-process,
   # sets it aside, resumes from the one before and completes the run.
-  for file in (checkpoints / '4' / 'state').rglob('d/*'):
+  for file in (checkpoints / str(newest) / 'state').rglob('d/*'):
     file.write_bytes(file.read_bytes()[:10])
   with caplog.at_level(logging.INFO, logger='mocosfl_jax'):
     train.run(_config(), workdir)
-  assert 'checkpoint of round 4 is unreadable' in caplog.text
+  assert f'checkpoint of round {newest} is unreadable' in caplog.text
   assert f'resuming from the checkpoint of round {previous}' in caplog.text
   (set_aside,) = (workdir / checkpoint.CORRUPT_DIR).iterdir()
-  assert set_aside.name.startswith('4.')
+  assert set_aside.name.startswith(f'{newest}.')
   _assert_same_run(workdir, reference)
 
 
