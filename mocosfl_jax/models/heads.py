@@ -20,16 +20,20 @@ def key_dim(moco_version: str) -> int:
 
 
 class ProjectionHead(nn.Module):
-  """Linear layers with ReLU between them; all linears have biases and Xavier init."""
+  """Linear layers with ReLU between them; all linears have biases and Xavier init.
+
+  ``mask`` (rows,) limits a BatchNorm's batch statistics to the rows it marks.
+  """
   moco_version: str = 'V2'
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, mask=None):
     hidden, out_dim, batch_norm = HEADS[self.moco_version]
     for width in hidden:
       x = nn.Dense(width, kernel_init=xavier)(x)
       if batch_norm:
         # PyTorch BatchNorm1d: momentum 0.1 (flax's 0.9), eps 1e-5.
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(
+            x, mask=None if mask is None else mask[:, None])
       x = nn.relu(x)
     return nn.Dense(out_dim, kernel_init=xavier)(x)

@@ -41,13 +41,14 @@ class ServerNet(nn.Module):
   weight_standardization: bool = True
 
   @nn.compact
-  def __call__(self, smashed, train: bool = True, features_only: bool = False):
+  def __call__(self, smashed, train: bool = True, features_only: bool = False, mask=None):
+    """``mask`` (rows,): the rows that count in the head's BatchNorm statistics (all if None)."""
     x = smashed
     for i in range(self.cut_layer, resnet.NUM_MODULES):
       x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization)(x)
     features = jnp.mean(x, axis=(1, 2))
     # The head is defined even when unused so that the parameter tree is one shape.
-    projected = heads.ProjectionHead(self.moco_version, name='head')(features, train)
+    projected = heads.ProjectionHead(self.moco_version, name='head')(features, train, mask)
     return features if features_only else projected
 
 

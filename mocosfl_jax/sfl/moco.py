@@ -37,29 +37,47 @@ def init_queue(key: jax.Array, size: int, dim: int, num_clients: int | None = No
   return Queue(l2_normalize(keys), jnp.zeros((num_clients,), jnp.int32))
 
 
-def _ring_write(keys: jax.Array, ptr: jax.Array, new: jax.Array):
-  rows = (ptr + jnp.arange(new.shape[0])) % keys.shape[0]
-  return keys.at[rows].set(new.astype(keys.dtype)), (ptr + new.shape[0]) % keys.shape[0]
+def _ring_write(keys: jax.Array, ptr: jax.Array, new: jax.Array, valid: jax.Array | None):
+  if valid is None:
+    rows = (ptr + jnp.arange(new.shape[0])) % keys.shape[0]
+    return keys.at[rows].set(new.astype(keys.dtype)), (ptr + new.shape[0]) % keys.shape[0]
+  # Valid keys go to consecutive rows in their order; invalid ones get an
+  # out-of-range row, which the scatter drops.
+  rows = jnp.where(valid, (ptr + jnp.cumsum(valid) - 1) % keys.shape[0], keys.shape[0])
+  written = jnp.sum(valid, dtype=ptr.dtype)
+  return (keys.at[rows].set(new.astype(keys.dtype), mode='drop'),
+          (ptr + written) % keys.shape[0])
 
 
-def enqueue(queue: Queue, k1: jax.Array, k2: jax.Array, num_clients: int) -> Queue:
+def enqueue(queue: Queue, k1: jax.Array, k2: jax.Array, num_clients: int,
+            valid: jax.Array | None = None) -> Queue:
   """Writes the step's 2nB keys, overwriting the oldest and wrapping around.
 
   Shared queue: the reference's order, ``[k1; k2]``. Per-client queues: each
-  client's own rows of k1 then k2 go to its own queue.
+  client's own rows of k1 then k2 go to its own queue. ``valid`` (nB,) marks
+  the rows that hold keys (ragged batches); the others are not written and do
+  not advance the pointer.
   """
   if not queue.per_client:
-    return Queue(*_ring_write(queue.keys, queue.ptr, jnp.concatenate([k1, k2])))
-  per = lambda k: k.reshape(num_clients, -1, k.shape[-1])
+    both = None if valid is None else jnp.concatenate([valid, valid])
+    return Queue(*_ring_write(queue.keys, queue.ptr, jnp.concatenate([k1, k2]), both))
+  per = lambda k: k.reshape((num_clients, -1) + k.shape[1:])
   mine = jnp.concatenate([per(k1), per(k2)], axis=1)
-  return Queue(*jax.vmap(_ring_write)(queue.keys, queue.ptr, mine))
+  if valid is None:
+    return Queue(*jax.vmap(lambda k, p, m: _ring_write(k, p, m, None))(
+        queue.keys, queue.ptr, mine))
+  both = jnp.concatenate([per(valid), per(valid)], axis=1)
+  return Queue(*jax.vmap(_ring_write)(queue.keys, queue.ptr, mine, both))
 
 
-def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: float):
+def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: float,
+             valid: jax.Array | None = None):
   """Mean cross-entropy of the positive logit against the queue's negatives.
 
   q, k: (nB, D) L2-normalised. queue_keys: (K, D) shared, or (n, Kc, D) per client,
-  in which case row r of q only sees its own client's queue. Returns (loss, top-1 accuracy).
+  in which case row r of q only sees its own client's queue. ``valid`` (nB,)
+  restricts the loss and the accuracy to the rows it marks (ragged batches).
+  Returns (loss, top-1 accuracy).
   """
   positive = jnp.sum(q * k, axis=-1, keepdims=True)
   if queue_keys.ndim == 2:
@@ -70,9 +88,14 @@ def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: flo
     negative = negative.reshape(q.shape[0], -1)
   logits = jnp.concatenate([positive, negative], axis=1) / temperature
   labels = jnp.zeros(q.shape[0], jnp.int32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == 0)
-  return loss, accuracy
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, axis=1) == 0
+  if valid is None:
+    return loss.mean(), jnp.mean(correct)
+  # where, not a product: an invalid row's gradient is exactly zero.
+  count = jnp.sum(valid)
+  return (jnp.sum(jnp.where(valid, loss, 0.0)) / count,
+          jnp.sum(valid & correct) / count)
 
 
 def collapse_value(queue_size: int) -> float:

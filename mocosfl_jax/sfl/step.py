@@ -4,6 +4,19 @@ The order follows the reference exactly (spec 4.3 and 11): online client
 forward; client EMA update; EMA client forward on view 2; server EMA update;
 both loss terms against the pre-step queue; enqueue; server and client updates.
 No Python loop over clients: the pool's client models are one stacked pytree.
+
+Ragged batches (heterogeneous clients, spec 2.5 and 9.20) keep the program
+rectangular: every pool client gets the largest client batch B_max of rows,
+and row r of client j is valid iff r < its own batch. The server only sees the
+valid rows, gathered to the front of a batch of ``server_batch`` rows; the
+loss, the accuracy and the queue use the valid rows only, so padding changes
+nothing but the compute. That compute is wasted on the client side (augmenting
+and forwarding n * B_max rows where fewer are valid: 60% of the client rows
+for "0.2_0.8|4|0.8_0.2", 75% for "0.2_0.8|16|0.8_0.2"), and on the server side
+when a sampled pool holds fewer rich clients than ``server_batch`` allows (it
+must allow the worst case: a pool of 100 of 500 clients under
+"0.2_0.8|16|0.8_0.2" holds 400 valid rows per B on average, but the server
+forwards 1600).
 """
 from __future__ import annotations
 
@@ -35,28 +48,45 @@ def batched_client_apply(client_net, impl: str) -> Callable:
   raise ValueError(f"client implementation {impl!r}: use 'vmap' or 'map'")
 
 
-def server_apply(server_net, variables, x):
-  """Server forward in training mode; returns (output, variables with new batch stats)."""
+def server_apply(server_net, variables, x, mask=None):
+  """Server forward in training mode; returns (output, variables with new batch stats).
+
+  ``mask`` (rows,) keeps padding rows out of a BatchNorm head's statistics.
+  """
+  kwargs = {} if mask is None else {'mask': mask}
   if 'batch_stats' in variables:
-    out, updates = server_net.apply(variables, x, mutable=['batch_stats'])
+    out, updates = server_net.apply(variables, x, mutable=['batch_stats'], **kwargs)
     return out, {**variables, **updates}
-  return server_net.apply(variables, x), variables
+  return server_net.apply(variables, x, **kwargs), variables
 
 
 def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
                     temperature: float, ema_decay: float, client_impl: str,
-                    server_lr: Callable, client_lr: Callable):
-  """Builds ``train_step(state, images, key) -> (state, metrics)``.
+                    server_lr: Callable, client_lr: Callable,
+                    server_batch: int | None = None):
+  """Builds ``train_step(state, images, key, batch_sizes=None) -> (state, metrics)``.
 
   ``state`` is a SimState whose per-client fields hold the pool's rows only;
   ``images`` is uint8 (n, B, H, W, 3), row j belonging to pool client j.
   ``server_lr(round)`` and ``client_lr(client_steps, round)`` give the rates.
+
+  ``batch_sizes`` (n,) int makes the batches ragged: pool client j uses only
+  its first ``batch_sizes[j]`` rows of ``images`` (module docstring). Then the
+  server forwards ``server_batch`` rows, which must be at least the most valid
+  rows a step can have (all n * B when None). Without ``batch_sizes`` the step
+  has no masks at all.
   """
   clients_forward = batched_client_apply(client_net, client_impl)
-  forward = lambda variables, x: server_apply(server_net, variables, x)
 
-  def train_step(state: SimState, images: jax.Array, key: jax.Array):
+  def train_step(state: SimState, images: jax.Array, key: jax.Array,
+                 batch_sizes: jax.Array | None = None):
     n, b = images.shape[:2]
+    if batch_sizes is None:
+      valid = None
+      forward = lambda variables, x: server_apply(server_net, variables, x)
+    else:
+      valid = (jnp.arange(b) < batch_sizes[:, None]).reshape(n * b)
+      forward = _compacting_forward(server_net, valid, server_batch or n * b)
     view1, view2 = augment(key, images.reshape((n * b,) + images.shape[2:]))
     view1 = view1.reshape((n, b) + view1.shape[1:])
     view2 = view2.reshape((n, b) + view2.shape[1:])
@@ -68,7 +98,8 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
     client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
     smashed_k = lax.stop_gradient(clients_forward(client_ema, view2))
 
-    # Vector concatenation: one server batch of n*B rows in pool order.
+    # Vector concatenation: one server batch of n*B rows in pool order (with
+    # ragged batches, the server forward gathers the valid ones from it).
     a_q = smashed_q.reshape((n * b,) + smashed_q.shape[2:])
     a_k = smashed_k.reshape((n * b,) + smashed_k.shape[2:])
 
@@ -83,14 +114,15 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       # clients get gradient from term 1 only (spec 9.9). A sum of two means.
       variables = {**state.server, 'params': params}
       q1, variables = forward(variables, a_q)
-      loss12, _ = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys, temperature)
+      loss12, _ = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys, temperature, valid)
       q2, variables = forward(variables, a_k)
-      loss21, accuracy = moco.info_nce(moco.l2_normalize(q2), k1, state.queue.keys, temperature)
+      loss21, accuracy = moco.info_nce(moco.l2_normalize(q2), k1, state.queue.keys, temperature,
+                                       valid)
       return loss12 + loss21, (accuracy, variables)
 
     (loss, (accuracy, server_vars)), (server_grads, smashed_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.server['params'], a_q)
-    queue = moco.enqueue(state.queue, k1, k2, n)
+    queue = moco.enqueue(state.queue, k1, k2, n, valid)
 
     lr_server = server_lr(state.round)
     server_opt = optim.with_learning_rate(state.server_opt, lr_server)
@@ -99,6 +131,7 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
 
     # Each client receives exactly its slice of dL/d(smashed data): the slices
     # are the rows of the reshaped gradient, and one VJP routes them all.
+    # Padding rows are masked out of the loss, so their slices are zero.
     (client_grads,) = clients_vjp(smashed_grads.reshape(smashed_q.shape))
     lr_clients = client_lr(c.steps, state.round)
 
@@ -117,3 +150,22 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
     return new_state, metrics
 
   return train_step
+
+
+def _compacting_forward(server_net, valid: jax.Array, rows: int) -> Callable:
+  """Server forward of only the ``valid`` rows of a batch, with the output laid out as the input.
+
+  The valid rows (in order) are gathered to the front of a batch of ``rows``
+  rows, the rest of which repeats row 0 and is masked out of BatchNorm; each
+  valid input row's output is gathered back to its place. Padding rows get
+  some valid row's output, for the caller to mask.
+  """
+  position = jnp.where(valid, jnp.cumsum(valid) - 1, 0)
+  source = jnp.zeros(rows, position.dtype).at[jnp.where(valid, position, rows)].set(
+      jnp.arange(valid.shape[0], dtype=position.dtype), mode='drop')
+  mask = jnp.arange(rows) < jnp.sum(valid)
+
+  def forward(variables, x):
+    out, variables = server_apply(server_net, variables, x[source], mask)
+    return out[position], variables
+  return forward
