@@ -8,7 +8,7 @@ compiled program; the host passes only the state, the data arrays and a key.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
@@ -36,18 +36,30 @@ def sample_pool(key: jax.Array, num_clients: int, pool_size: int) -> jax.Array:
 
 
 def sample_batches(key: jax.Array, table: jax.Array, counts: jax.Array,
-                   steps: int, batch_size: int) -> jax.Array:
+                   steps: int, batch_size: int, batch_sizes: jax.Array | None = None) -> jax.Array:
   """(steps, n, B) sample ids: each client's own data in a fresh random order.
 
-  A client whose data is shorter than ``steps * B`` starts over in the same order.
+  A client whose data is shorter than its steps' worth of batches starts over
+  in the same order. ``batch_sizes`` (n,) gives each client its own batch
+  (ragged batches, at most ``batch_size``): client j's step s takes the next
+  ``batch_sizes[j]`` samples into its first rows, and its remaining rows repeat
+  samples that the step then ignores.
   """
-  def one_client(key, row, count):
+  if batch_sizes is None:
+    batch_sizes = jnp.full(table.shape[0], batch_size)
+
+  def one_client(key, row, count, size):
     noise = jax.random.uniform(key, row.shape)
     order = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0))
-    positions = jnp.arange(steps * batch_size) % jnp.maximum(count, 1)
-    return row[order[positions]]
-  ids = jax.vmap(one_client)(jax.random.split(key, table.shape[0]), table, counts)
-  return ids.reshape(table.shape[0], steps, batch_size).transpose(1, 0, 2)
+    positions = jnp.arange(steps)[:, None] * size + jnp.arange(batch_size)
+    return row[order[positions % jnp.maximum(count, 1)]]
+  ids = jax.vmap(one_client)(jax.random.split(key, table.shape[0]), table, counts, batch_sizes)
+  return ids.transpose(1, 0, 2)
+
+
+def most_rows(batch_sizes: Sequence[int], pool_size: int) -> int:
+  """The most valid rows one step can have: the sum of the pool_size largest client batches."""
+  return int(np.sort(np.asarray(batch_sizes))[::-1][:pool_size].sum())
 
 
 def gather(state: SimState, pool: jax.Array) -> SimState:
@@ -66,8 +78,15 @@ def scatter(state: SimState, pool: jax.Array, pooled: SimState) -> SimState:
 
 def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps: int,
                batch_size: int, sync_every: int, average_ema: bool = False,
-               weighting: str = 'uniform', one_program: bool = True) -> Callable:
+               weighting: str = 'uniform', one_program: bool = True,
+               batch_multiplier: Sequence[int] | None = None) -> Callable:
   """Builds ``run_round(state, data, key) -> (state, per-step metrics)``, compiled.
+
+  ``batch_multiplier`` (num_clients,) gives client i the batch
+  ``batch_size * batch_multiplier[i]`` (heterogeneous clients). When the
+  batches differ, every pool client gets the largest batch's rows and the step
+  is told each one's own batch (``train_step(state, images, key, batch_sizes)``,
+  see sfl/step.py); equal batches make the plain ``train_step(state, images, key)``.
 
   ``one_program=True`` scans the steps inside a single compiled program, so an
   accelerator never waits on the host within a round. ``False`` dispatches one
@@ -82,20 +101,29 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
     ema = fedavg.average_and_broadcast(clients.ema, weights) if average_ema else clients.ema
     return clients.replace(online=online, ema=ema)
 
+  client_batches = batch_size * np.ones(num_clients, np.int32)
+  if batch_multiplier is not None:
+    client_batches = client_batches * np.asarray(batch_multiplier, np.int32)
+  rows = int(client_batches.max())
+  ragged = int(client_batches.min()) != rows
+
   def begin(state: SimState, data: ClientData, key: jax.Array):
     key = jax.random.fold_in(key, state.round)
     k_pool, k_data, k_steps = jax.random.split(key, 3)
     pool = sample_pool(k_pool, num_clients, pool_size)
     counts = data.counts[pool]
-    batches = sample_batches(k_data, data.table[pool], counts, steps, batch_size)
+    batch_sizes = jnp.asarray(client_batches)[pool] if ragged else None
+    batches = sample_batches(k_data, data.table[pool], counts, steps, rows, batch_sizes)
     if weighting == 'data_size':
       weights = counts / jnp.sum(counts)
     else:
       weights = jnp.full((pool_size,), 1.0 / pool_size)
-    return gather(state, pool), pool, batches, weights, jax.random.split(k_steps, steps)
+    return (gather(state, pool), pool, batches, batch_sizes, weights,
+            jax.random.split(k_steps, steps))
 
-  def step(pooled, images, weights, index, step_key):
-    pooled, metrics = train_step(pooled, images, step_key)
+  def step(pooled, images, batch_sizes, weights, index, step_key):
+    ragged_args = () if batch_sizes is None else (batch_sizes,)
+    pooled, metrics = train_step(pooled, images, step_key, *ragged_args)
     sync = ((index + 1) % sync_every == 0) | (index == steps - 1)
     clients = lax.cond(sync, synchronise, lambda c, w: c, pooled.clients, weights)
     return pooled.replace(clients=clients), metrics
@@ -113,23 +141,24 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
 
   if one_program:
     def run_round(state: SimState, data: ClientData, key: jax.Array):
-      pooled, pool, batches, weights, keys = begin(state, data, key)
+      pooled, pool, batches, batch_sizes, weights, keys = begin(state, data, key)
       pooled, metrics = lax.scan(
-          lambda p, xs: step(p, data.images[xs[1]], weights, xs[0], xs[2]),
+          lambda p, xs: step(p, data.images[xs[1]], batch_sizes, weights, xs[0], xs[2]),
           pooled, (jnp.arange(steps), batches, keys))
       return finish(state, pool, pooled), metrics
     return jax.jit(run_round, donate_argnums=0)
 
   begin_jit = jax.jit(begin)
-  step_jit = jax.jit(lambda p, images, ids, w, i, k: step(p, images[ids], w, i, k),
+  step_jit = jax.jit(lambda p, images, ids, sizes, w, i, k: step(p, images[ids], sizes, w, i, k),
                      donate_argnums=0)
   finish_jit = jax.jit(finish, donate_argnums=0)
 
   def run_round_stepwise(state: SimState, data: ClientData, key: jax.Array):
-    pooled, pool, batches, weights, keys = begin_jit(state, data, key)
+    pooled, pool, batches, batch_sizes, weights, keys = begin_jit(state, data, key)
     metrics = []
     for i in range(steps):
-      pooled, m = step_jit(pooled, data.images, batches[i], weights, np.int32(i), keys[i])
+      pooled, m = step_jit(pooled, data.images, batches[i], batch_sizes, weights, np.int32(i),
+                           keys[i])
       metrics.append(m)
     return finish_jit(state, pool, pooled), jax.tree.map(lambda *m: jnp.stack(m), *metrics)
   return run_round_stepwise
