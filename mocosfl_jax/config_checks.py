@@ -12,10 +12,12 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
 from mocosfl_jax import config as config_lib
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.models import heads, resnet
+from mocosfl_jax.sfl import rounds
 
 
 class ConfigError(ValueError):
@@ -154,21 +156,36 @@ def _check_values(c: dict[str, Any]) -> None:
   except sources.DataError as e:
     raise ConfigError(str(e)) from None
 
-  # Every step writes 2 x (pool x batch) keys into the ring buffer; more keys
-  # than rows would overwrite rows written in the same step.
+  # Every step writes 2 keys per valid row into the ring buffer; more keys than
+  # rows would overwrite rows written in the same step.
   pool = max(int(c['client_sample_ratio'] * c['num_clients']), 1)
   batch = c['batch_size']
+  batches = _client_batches(c)
   if c['moco.feature_sharing']:
-    need = 2 * pool * batch
+    need = 2 * rounds.most_rows(batches, pool)
+    if batches.max() == batches.min():
+      what = f'2 x pool {pool} x batch_size {batch} = {need} keys: raise it or lower batch_size'
+    else:
+      what = (f'up to {need} keys (2 x the batches of the pool\'s {pool} clients with the '
+              'largest ones, data.hetero counted): raise it or lower batch_size')
     _rule('moco.queue_size', c['moco.queue_size'], c['moco.queue_size'] >= need,
-          f'the shared queue must hold a step\'s 2 x pool {pool} x batch_size {batch} = '
-          f'{need} keys: raise it or lower batch_size')
+          f'the shared queue must hold a step\'s {what}')
   else:
     per_client = c['moco.queue_size'] // c['num_clients']
-    _rule('moco.queue_size', c['moco.queue_size'], per_client >= 2 * batch,
+    largest = int(batches.max())
+    _rule('moco.queue_size', c['moco.queue_size'], per_client >= 2 * largest,
           f'without feature sharing each of {c["num_clients"]} clients gets {per_client} keys '
-          f'but a step writes 2 x batch_size {batch} = {2 * batch}: use at least '
-          f'{2 * batch * c["num_clients"]}')
+          f'but a step writes 2 x its batch, up to 2 x {largest} = {2 * largest}: use at least '
+          f'{2 * largest * c["num_clients"]}')
+
+
+def _client_batches(c: dict[str, Any]) -> np.ndarray:
+  """Each client's batch: batch_size, times data.hetero's multiplier for the rich clients."""
+  batches = np.full(c['num_clients'], c['batch_size'])
+  hetero = partition.parse_hetero(c['data.hetero'], c['num_clients'])
+  if hetero is not None:
+    batches[:hetero.num_rich] *= hetero.batch_multiplier
+  return batches
 
 
 def _check_data(c: dict[str, Any], num_train_samples: int | None,
@@ -183,12 +200,20 @@ def _check_data(c: dict[str, Any], num_train_samples: int | None,
           f'must be at most the {num_train_samples} training samples in the kNN bank')
   if samples_per_client is not None:
     if isinstance(samples_per_client, int):
-      smallest = samples_per_client
+      # Only the smallest client's count is known; every client has at least batch_size.
+      counts, batches = np.array([samples_per_client]), np.array([c['batch_size']])
     else:
-      smallest = min(int(n) for n in samples_per_client)
-    _rule('batch_size', c['batch_size'], c['batch_size'] <= smallest,
-          f'the smallest client holds {smallest} samples, fewer than one batch: lower '
-          'batch_size or num_clients, or raise data.data_proportion')
+      counts = np.asarray(samples_per_client, int)
+      batches = (_client_batches(c) if c['data.hetero']
+                 else np.full(counts.shape, c['batch_size']))
+    short = np.flatnonzero(counts < batches)
+    if short.size:
+      i = short[np.argmin(counts[short])]
+      who = 'the smallest client' if isinstance(samples_per_client, int) else f'client {i}'
+      rich = ' (batch_size x data.hetero\'s C)' if batches[i] != c['batch_size'] else ''
+      _rule('batch_size', c['batch_size'], False,
+            f'{who} holds {counts[i]} samples, fewer than its batch of {batches[i]}{rich}: '
+            'lower batch_size or num_clients, or raise data.data_proportion')
 
 
 def validate(config, *, num_train_samples: int | None = None,
@@ -198,8 +223,9 @@ def validate(config, *, num_train_samples: int | None = None,
   Args:
     config: the run's ConfigDict (or a plain nested dict of the same fields).
     num_train_samples: size of the full training split, once it is loaded.
-    samples_per_client: each client's sample count (or the smallest one), once
-      the data is partitioned.
+    samples_per_client: each client's sample count in client order (or the
+      smallest one), once the data is partitioned; with data.hetero, each is
+      checked against that client's own batch.
 
   Raises:
     ConfigError: an unknown, missing or mistyped field, a value out of range,
