@@ -6,6 +6,7 @@ both places.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,61 +30,126 @@ def torch_sgd(param, grad, buf, lr, momentum, weight_decay):
   return param - lr * buf, buf
 
 
+# XLA options for programs that run a few times on tiny inputs: compiling
+# them fully optimised costs more than running them unoptimised.
+QUICK_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def quick_jit(fun=None, **kwargs):
+  """jax.jit with QUICK_COMPILE."""
+  if fun is None:
+    return functools.partial(quick_jit, **kwargs)
+  return jax.jit(fun, compiler_options=QUICK_COMPILE, **kwargs)
+
+
+# Every piece below is one compiled program: run eagerly, each operation (and
+# each derivative of one) is compiled on its own the first time, which costs
+# far more than the twin's arithmetic.
+@quick_jit
+def sgd_tree(params, grads, bufs, lr, momentum, weight_decay):
+  """torch_sgd on every leaf; returns (params, bufs)."""
+  pairs = jax.tree.map(lambda p, g, m: torch_sgd(p, g, m, lr, momentum, weight_decay),
+                       params, grads, bufs)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair),
+          jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair))
+
+
+@quick_jit
+def ema_tree(ema, online, tau):
+  return jax.tree.map(lambda e, o: tau * e + (1 - tau) * o, ema, online)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(net, params, x):
+  return net.apply({'params': params}, x)
+
+
+@quick_jit(static_argnums=0)
+def client_grads(client_net, params, x, cotangent):
+  """The gradient that the client's own smashed-data gradient ``cotangent`` gives its params."""
+  _, vjp = jax.vjp(lambda p: client_net.apply({'params': p}, x), params)
+  return vjp(cotangent)[0]
+
+
+@quick_jit(static_argnames=('server_net', 'rows', 'temperature'))
+def server_loss_and_grads(server_net, params, a_q, a_k, k1, k2, queue, *, rows, temperature):
+  """((loss, term-2 logits), (d loss / d params, d loss / d a_q)) of the symmetric loss.
+
+  ``queue``: shared (K, D), or per client (n, Kc, D) with ``rows`` the
+  (start, stop) of each client's rows.
+  """
+  def cross_entropy(q, k):
+    if queue.ndim == 2:
+      return ce_positive_first(q, k, queue, temperature)
+    # Each client's rows against its own queue; the mean is over all rows.
+    parts = [ce_positive_first(q[a:b], k[a:b], queue[j], temperature)
+             for j, (a, b) in enumerate(rows)]
+    total = sum(loss * (b - a) for (loss, _), (a, b) in zip(parts, rows))
+    return total / rows[-1][1], jnp.concatenate([logits for _, logits in parts])
+
+  def loss_fn(params, a_q):
+    apply_s = lambda x: server_net.apply({'params': params}, x)
+    l12, _ = cross_entropy(normalize_rows(apply_s(a_q)), k2)
+    l21, logits = cross_entropy(normalize_rows(apply_s(a_k)), k1)
+    return l12 + l21, logits
+
+  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, a_q)
+
+
 def twin_step(client_net, server_net, views, *, online, ema, bufs, client_steps,
               server, server_ema, server_buf, queue, ptr, round_index, num_rounds,
               lr, momentum, weight_decay, temperature, tau):
   """One MocoSFL step for a pool of clients, one client at a time.
 
   ``online``, ``ema``, ``bufs`` are lists (one pytree per pool client); ``views``
-  is a pair of (n, B, H, W, 3) float arrays. Returns the new values and the loss.
+  is a pair of per-client image batches, (n, B, H, W, 3) arrays or lists of
+  (B_j, H, W, 3) arrays of each client's own size (ragged batches). ``queue``
+  is the shared (K, D) queue with an int ``ptr``, or per-client (n, Kc, D)
+  queues with a list of pointers. Returns the new values and the loss.
   """
   view1, view2 = views
-  n, b = view1.shape[:2]
-  apply_c = lambda p, x: client_net.apply({'params': p}, x)
-  apply_s = lambda p, x: server_net.apply({'params': p}, x)
-  a_q, a_k, new_ema, vjps = [], [], [], []
+  n = len(view1)
+  offsets = np.cumsum([0] + [len(v) for v in view1]).tolist()
+  rows = tuple(zip(offsets[:-1], offsets[1:]))
+  a_q, a_k, new_ema = [], [], []
   for j in range(n):
-    out, vjp = jax.vjp(lambda p: apply_c(p, view1[j]), online[j])
-    a_q.append(out)
-    vjps.append(vjp)
-    new_ema.append(jax.tree.map(lambda e, o: tau * e + (1 - tau) * o, ema[j], online[j]))
-    a_k.append(apply_c(new_ema[j], view2[j]))
+    a_q.append(apply(client_net, online[j], view1[j]))
+    new_ema.append(ema_tree(ema[j], online[j], tau))
+    a_k.append(apply(client_net, new_ema[j], view2[j]))
   a_q, a_k = jnp.concatenate(a_q), jnp.concatenate(a_k)
-  server_ema = jax.tree.map(lambda e, o: tau * e + (1 - tau) * o, server_ema, server)
-  k2 = normalize_rows(apply_s(server_ema, a_k))
-  k1 = normalize_rows(apply_s(server_ema, a_q))
-
-  def loss_fn(params, a_q):
-    l12, _ = ce_positive_first(normalize_rows(apply_s(params, a_q)), k2, queue, temperature)
-    l21, logits = ce_positive_first(normalize_rows(apply_s(params, a_k)), k1, queue, temperature)
-    return l12 + l21, logits
-
-  (loss, logits), (g_server, g_smashed) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(server, a_q)
+  server_ema = ema_tree(server_ema, server, tau)
+  k2 = normalize_rows(apply(server_net, server_ema, a_k))
+  k1 = normalize_rows(apply(server_net, server_ema, a_q))
+  (loss, logits), (g_server, g_smashed) = server_loss_and_grads(
+      server_net, server, a_q, a_k, k1, k2, jnp.asarray(queue), rows=rows,
+      temperature=temperature)
   accuracy = jnp.mean(jnp.argmax(logits, 1) == 0)
 
   queue = np.array(queue)
-  for key in np.concatenate([np.asarray(k1), np.asarray(k2)]):
-    queue[ptr] = key
-    ptr = (ptr + 1) % len(queue)
+  k1, k2 = np.asarray(k1), np.asarray(k2)
+  if queue.ndim == 3:
+    ptr = list(ptr)
+    for j, (a, b) in enumerate(rows):
+      for key in np.concatenate([k1[a:b], k2[a:b]]):
+        queue[j, ptr[j]] = key
+        ptr[j] = (ptr[j] + 1) % queue.shape[1]
+  else:
+    for key in np.concatenate([k1, k2]):
+      queue[ptr] = key
+      ptr = (ptr + 1) % len(queue)
 
   server_lr = lr * 0.5 * (1 + math.cos(math.pi * round_index / num_rounds))
-  pairs = jax.tree.map(lambda p, g, m: torch_sgd(p, g, m, server_lr, momentum, weight_decay),
-                       server, g_server, server_buf)
-  is_pair = lambda x: isinstance(x, tuple)
-  server = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
-  server_buf = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+  server, server_buf = sgd_tree(server, g_server, server_buf, server_lr, momentum, weight_decay)
 
-  new_online, new_bufs, client_grads = [], [], []
-  for j in range(n):
-    (grad,) = vjps[j](g_smashed[j * b:(j + 1) * b])
-    client_grads.append(grad)
+  new_online, new_bufs, grads = [], [], []
+  for j, (a, b) in enumerate(rows):
+    grads.append(client_grads(client_net, online[j], view1[j], g_smashed[a:b]))
     client_lr = lr * 0.5 * (1 + math.cos(math.pi * client_steps[j] / num_rounds))
-    pairs = jax.tree.map(lambda p, g, m: torch_sgd(p, g, m, client_lr, momentum, weight_decay),
-                         online[j], grad, bufs[j])
-    new_online.append(jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair))
-    new_bufs.append(jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair))
+    params, buf = sgd_tree(online[j], grads[j], bufs[j], client_lr, momentum, weight_decay)
+    new_online.append(params)
+    new_bufs.append(buf)
   return dict(online=new_online, ema=new_ema, bufs=new_bufs, server=server,
               server_ema=server_ema, server_buf=server_buf, queue=queue, ptr=ptr,
-              loss=float(loss), accuracy=float(accuracy), client_grads=client_grads,
+              loss=float(loss), accuracy=float(accuracy), client_grads=grads,
               client_steps=[s + 1 for s in client_steps])
