@@ -85,9 +85,17 @@ class Experiment:
                              jnp.asarray(counts))
 
 
-def steps_per_round(config, counts: np.ndarray) -> int:
-  """Configured, or one pass over an average client's data."""
-  return config.steps_per_round or max(int(counts.mean()) // config.batch_size, 1)
+def steps_per_round(config, counts: np.ndarray, batch_multiplier: np.ndarray) -> int:
+  """Configured, or one pass over an average client's data.
+
+  Client i passes over its data in counts[i] / (batch_size * batch_multiplier[i])
+  steps; a round takes the mean over clients, as floor(mean(counts /
+  batch_multiplier)) // batch_size, which without data.hetero is an average
+  client's samples // batch_size. Clients with longer passes stop early, and
+  shorter ones start over (rounds.sample_batches).
+  """
+  return config.steps_per_round or max(
+      int(np.mean(counts / batch_multiplier)) // config.batch_size, 1)
 
 
 def pool_size(config) -> int:
@@ -102,7 +110,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   part = partition.make_partition(train.labels, train.num_classes, c.num_clients,
                                   c.noniid_ratio, c.data, c.seed)
   _, counts = partition.padded(part.client_indices)
-  steps = steps_per_round(c, counts)
+  steps = steps_per_round(c, counts, part.batch_multiplier)
   pool = pool_size(c)
 
   client_impl = resolve_client_impl(c.model.client_impl)
@@ -128,11 +136,13 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       client_net, server_net, server_tx, client_tx, pair_augment,
       temperature=c.moco.temperature, ema_decay=c.moco.ema_decay,
       client_impl='map' if client_impl == 'map' else 'vmap',
-      server_lr=server_lr, client_lr=client_lr)
+      server_lr=server_lr, client_lr=client_lr,
+      server_batch=rounds.most_rows(c.batch_size * part.batch_multiplier, pool))
   run_round = rounds.make_round(
       train_step, num_clients=c.num_clients, pool_size=pool, steps=steps,
       batch_size=c.batch_size, sync_every=c.sync_every, average_ema=c.fedavg.average_ema,
-      weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan')
+      weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan',
+      batch_multiplier=part.batch_multiplier)
   embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
   return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
                     run_round, embed, steps, pool, client_impl)
@@ -366,7 +376,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   initial_knn = knn_history[0][1]
   steps = c.num_rounds * exp.steps_per_round
-  images_per_step = 2 * exp.pool_size * c.batch_size
+  # Valid rows only: padding rows of ragged batches are not images.
+  images_per_step = (2 * exp.pool_size * c.batch_size
+                     * float(np.mean(exp.partition.batch_multiplier)))
   summary = {
       'initial_knn_accuracy': initial_knn,
       'final_knn_accuracy': knn_history[-1][1],
