@@ -6,6 +6,7 @@ a pure function or a small object from the library below it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -74,10 +75,13 @@ class Experiment:
 
   def init_state(self, key: jax.Array) -> state_lib.SimState:
     c = self.config
-    return state_lib.init_state(
-        key, self.client_net, self.server_net, self.server_tx, self.client_tx,
-        num_clients=c.num_clients, image_size=c.model.image_size,
-        queue_size=c.moco.queue_size, feature_sharing=c.moco.feature_sharing)
+    init = functools.partial(
+        state_lib.init_state, client_net=self.client_net, server_net=self.server_net,
+        server_tx=self.server_tx, client_tx=self.client_tx, num_clients=c.num_clients,
+        image_size=c.model.image_size, queue_size=c.moco.queue_size,
+        feature_sharing=c.moco.feature_sharing)
+    # Compiled: run op by op, initialisation takes longer than compiling it.
+    return jax.jit(init)(key)
 
   def client_data(self) -> rounds.ClientData:
     table, counts = partition.padded(self.partition.client_indices)
