@@ -43,12 +43,13 @@ CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 
 # Config fields that may change between a run and its resumption: they say
-# where inputs are cached and how often the run reports, evaluates or saves,
-# not what it computes. Every other field must match the checkpoint's.
+# where inputs come from and are cached, and how often the run reports,
+# evaluates or saves, not what it computes. Every other field must match the
+# checkpoint's.
 RESUMABLE_FIELDS = frozenset({
     'checkpoint.every', 'checkpoint.keep', 'log_every',
     'eval.every', 'eval.batch_size', 'eval.final_probes', 'eval.probe_epochs',
-    'data.cache_dir', 'data.data_dir',
+    'data.cache_dir', 'data.data_dir', 'data.download',
     # Different formulations of the same computation (benchmark.py).
     'model.client_impl', 'round_impl',
 })

@@ -27,6 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.name = 'digits'       # dataset name: normalisation statistics and the tfds builder
   c.data.path = ''             # file or folder for the local sources
   c.data.data_dir = ''         # tfds data_dir ('' = the tfds default)
+  c.data.download = True       # tfds: download and prepare data.name when data_dir lacks it
   c.data.cache_dir = ''        # decoded-array cache ('' = ~/.cache/mocosfl_jax)
   c.data.partition = 'auto'    # auto (iid, or shards when noniid_ratio < 1) | iid | shards | dirichlet
   c.data.dirichlet_alpha = 0.5  # label-skew concentration of the dirichlet partition

@@ -104,6 +104,7 @@ def test_out_of_range_or_unknown_value(field, value):
     ('moco.temperature', float('nan'), 'finite'),
     ('moco.feature_sharing', 1, 'True or False'),
     ('data.source', 3, 'a string'),
+    ('data.download', 'no', 'True or False'),
     ('moco', 'V2', 'section'),
 ])
 def test_wrong_type(field, value, expected):
