@@ -2,8 +2,10 @@
 import importlib.util
 import io
 import json
+import logging
 import os
 import pickle
+import socket
 import tempfile
 import time
 
@@ -32,9 +34,21 @@ def _private_tempdir(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, 'tempdir', str(folder))
 
 
-def _config(tmp_path, source, path='', name='cifar10', data_dir=''):
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+  """The download probe is refused at once and no proxy is set: no test reaches the network."""
+  def refuse(address, *args, **kwargs):
+    raise OSError(101, f'Network is unreachable (tests stay offline): {address}')
+
+  monkeypatch.setattr(socket, 'create_connection', refuse)
+  for variable in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv(variable.upper(), raising=False)
+
+
+def _config(tmp_path, source, path='', name='cifar10', data_dir='', download=True):
   return ml_collections.ConfigDict(dict(
-      source=source, name=name, path=str(path), data_dir=str(data_dir),
+      source=source, name=name, path=str(path), data_dir=str(data_dir), download=download,
       cache_dir=str(tmp_path / 'cache')))
 
 
@@ -129,6 +143,21 @@ class TrainOnlyImages(TinyImages):
   SIZES = {'train': 2}
 
 
+class RemoteImages(TinyImages):
+  """TinyImages as if tfds downloaded it: its checksums list one file on a host."""
+  url_infos = {'https://data.example/tiny.tar.gz': tfds.core.download.checksums.UrlInfo(
+      size=2_400_000, checksum='', filename='tiny.tar.gz')}
+
+
+class UndeclaredImportImages(TinyImages):
+  """Fails like tfds 4.9.10 without importlib_resources (tensorflow/datasets#11212)."""
+
+  @property
+  def url_infos(self):
+    raise ModuleNotFoundError("No module named 'importlib_resources'",
+                              name='importlib_resources')
+
+
 @pytest.fixture
 def tfds_dir(tmp_path):
   for builder in (TinyImages, TrainOnlyImages):
@@ -208,7 +237,9 @@ def test_image_folder_round_trip(tmp_path, folder_dir):
   assert list(test.labels) == [2] and test.class_names == CLASSES
 
 
-def test_tfds_mock_data_loads_without_tensorflow(tmp_path):
+def test_tfds_mock_data_loads_without_tensorflow(tmp_path, monkeypatch):
+  # mock_data serves examples for a dataset it leaves unprepared.
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
   with tfds.testing.mock_data(num_examples=5):
     split = sources.load_split(_config(tmp_path, 'tfds', data_dir=tmp_path / 'x'), 'train')
   assert split.images.shape == (5, 32, 32, 3) and split.images.dtype == np.uint8
@@ -226,12 +257,85 @@ def test_tfds_reads_prepared_array_record(tmp_path, tfds_dir):
 
 
 def test_tfds_missing_data_fails_fast_with_local_hint(tmp_path):
+  # Offline (the network is blocked here), and without TensorFlow where it is
+  # not installed: either way one line, at once, saying how to use local files.
   start = time.monotonic()
   with pytest.raises(DataError) as error:
     sources.load_split(_config(tmp_path, 'tfds', data_dir=tmp_path / 'empty'), 'train')
   assert time.monotonic() - start < 10
   _one_line_naming(error, tmp_path / 'empty')
   assert '--config.data.source=npz --config.data.path=' in str(error.value)
+
+
+def test_tfds_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: None if name == 'tensorflow' else find_spec(name, *args))
+  with pytest.raises(DataError) as error:
+    sources.load_split(_config(tmp_path, 'tfds', data_dir=tmp_path / 'empty'), 'train')
+  _one_line_naming(error, tmp_path / 'empty')
+  assert 'pip install tensorflow' in str(error.value)
+  assert '--config.data.source=npz' in str(error.value)
+
+
+def test_tfds_undeclared_tfds_import_says_what_to_install(tmp_path):
+  with pytest.raises(DataError, match='pip install importlib_resources to let it download'):
+    sources.load_split(_config(tmp_path, 'tfds', name='undeclared_import_images',
+                               data_dir=tmp_path / 'empty'), 'train')
+
+
+def test_tfds_offline_download_fails_at_once_with_local_hint(tmp_path, monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError('tfds was asked to download while offline')
+
+  monkeypatch.setattr(RemoteImages, 'download_and_prepare', never)
+  start = time.monotonic()
+  with pytest.raises(DataError) as error:
+    sources.load_split(_config(tmp_path, 'tfds', name='remote_images',
+                               data_dir=tmp_path / 'empty'), 'train')
+  assert time.monotonic() - start < 2
+  _one_line_naming(error, tmp_path / 'empty')
+  assert 'data.example:443 is unreachable' in str(error.value)
+  assert '--config.data.source=npz --config.data.path=' in str(error.value)
+
+
+def test_tfds_silent_network_fails_within_the_probe_timeout(tmp_path, monkeypatch):
+  monkeypatch.setattr(socket, 'create_connection',
+                      lambda *args, **kwargs: time.sleep(1) or socket.socket())
+  monkeypatch.setattr(sources, '_PROBE_TIMEOUT_S', 0.1)
+  start = time.monotonic()
+  with pytest.raises(DataError, match=r'no answer within 0.1 s'):
+    sources.load_split(_config(tmp_path, 'tfds', name='remote_images',
+                               data_dir=tmp_path / 'empty'), 'train')
+  assert time.monotonic() - start < 2
+
+
+def test_tfds_probe_goes_through_the_proxy(monkeypatch):
+  monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
+  assert sources._probe_address('https://data.example/x') == ('proxy.example', 3128)
+  monkeypatch.setenv('no_proxy', 'data.example')
+  assert sources._probe_address('https://data.example/x') == ('data.example', 443)
+
+
+def test_tfds_downloads_and_prepares_missing_data(tmp_path, monkeypatch, caplog):
+  probed = []
+  monkeypatch.setattr(socket, 'create_connection',
+                      lambda address, timeout: probed.append(address) or socket.socket())
+  with caplog.at_level(logging.INFO, logger='mocosfl_jax'):
+    split = sources.load_split(_config(tmp_path, 'tfds', name='remote_images',
+                                       data_dir=tmp_path / 'tfds'), 'train')
+  assert probed == [('data.example', 443)]
+  folder = tmp_path / 'tfds' / 'remote_images' / '1.0.0'
+  assert f'downloading remote_images with tfds into {folder} (about 2 MB)' in caplog.text
+  assert len(split) == 6 and split.class_names == CLASSES
+  assert any(f.name.endswith('.array_record-00000-of-00001') for f in folder.iterdir())
+
+
+def test_tfds_missing_data_without_download_says_so(tmp_path):
+  with pytest.raises(DataError, match='data.download is False') as error:
+    sources.load_split(_config(tmp_path, 'tfds', name='remote_images',
+                               data_dir=tmp_path / 'empty', download=False), 'train')
+  _one_line_naming(error, tmp_path / 'empty')
 
 
 def test_tfds_splits_are_cached_apart(tmp_path, tfds_dir):

@@ -19,8 +19,12 @@ import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
+import threading
 from typing import Any, Callable
+import urllib.parse
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -57,8 +61,12 @@ NORMALIZATION = {
 
 SOURCES = ('digits', 'npz', 'cifar_python', 'image_folder', 'tfds')
 
+# Under 'mocosfl_jax', which the command line shows at INFO.
+_log = logging.getLogger(__name__)
 # Bump when the cached arrays' layout or meaning changes, so old entries miss.
 _CACHE_VERSION = 1
+# How long to wait for a download host before telling an offline user what to do.
+_PROBE_TIMEOUT_S = 3.0
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 # Image modes that become RGB without inventing or dropping information.
 _CONVERTIBLE_MODES = ('RGB', 'L', 'P')
@@ -325,10 +333,82 @@ def _decode_image_folder(found: _Input, split: str) -> Split:
                   found.class_names, where)
 
 
-def _offline_hint(name: str) -> str:
-  return ('no download is attempted: use --config.data.source=npz --config.data.path=DIR '
-          '(or cifar_python/image_folder), or set --config.data.data_dir to a folder where '
-          f'`tfds build {name}` has prepared it')
+def _local_hint(name: str) -> str:
+  return ('use --config.data.source=npz --config.data.path=DIR (or cifar_python/image_folder), '
+          'or set --config.data.data_dir to a folder where '
+          f'`tfds build {name} --file_format=array_record` has prepared it')
+
+
+def _missing_modules(builder) -> list[str]:
+  """Modules, as pip installs them, without which tfds cannot prepare ``builder``'s data."""
+  missing = []
+  # tfds' own builders read their downloads with tf.io.gfile and encode images
+  # with tf.image (e.g. image_classification/cifar.py, _load_data).
+  if (type(builder).__module__.startswith('tensorflow_datasets.')
+      and importlib.util.find_spec('tensorflow') is None):
+    missing.append('tensorflow')
+  try:
+    builder.url_infos  # pylint: disable=pointless-statement
+  except ModuleNotFoundError as e:
+    # tfds 4.9.10 imports importlib_resources here without declaring it on
+    # Python >= 3.9 (tensorflow/datasets#11212).
+    missing.append(e.name)
+  return missing
+
+
+def _probe_address(url: str) -> tuple[str, int]:
+  """Where a download of ``url`` first connects: the proxy that requests would use, if any."""
+  parts = urllib.parse.urlsplit(url)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(parts.hostname):
+    parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+  return parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)
+
+
+def _unreachable(address: tuple[str, int]) -> str:
+  """Why no TCP connection to ``address`` opens within _PROBE_TIMEOUT_S, or '' when one does."""
+  outcome = []
+
+  def connect():
+    try:
+      socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
+      outcome.append('')
+    except OSError as e:
+      outcome.append(f'{type(e).__name__}: {e}')
+
+  # In a thread, since the name lookup ignores the socket's timeout and can
+  # stall for much longer on a network that drops packets.
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(_PROBE_TIMEOUT_S)
+  return outcome[0] if outcome else f'no answer within {_PROBE_TIMEOUT_S:g} s'
+
+
+def _download_and_prepare(builder, folder: str) -> None:
+  """Has tfds download ``builder``'s dataset and store it as array_record (read without TF)."""
+  import tensorflow_datasets as tfds
+
+  name = builder.name
+  missing = _missing_modules(builder)
+  if missing:
+    raise DataError(f'tfds cannot prepare {name} in {folder} without {" and ".join(missing)}: '
+                    f'pip install {" ".join(missing)} to let it download, or {_local_hint(name)}')
+  url_infos = builder.url_infos or {}
+  # tfds' downloads have no timeout, so an offline run would hang in them.
+  for address in sorted({_probe_address(url) for url in url_infos}):
+    why = _unreachable(address)
+    if why:
+      raise DataError(f'cannot download tfds {name} into {folder}: {address[0]}:{address[1]} '
+                      f'is unreachable ({why}); {_local_hint(name)}')
+  size = sum(int(info.size) for info in url_infos.values())
+  _log.info('downloading %s with tfds into %s (%s)', name, folder,
+            f'about {size / 1e6:,.0f} MB' if size else 'size unknown')
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except (OSError, ImportError, tfds.download.DownloadError) as e:
+    first_line = str(e).strip().partition('\n')[0]
+    raise DataError(f'tfds could not download and prepare {name} into {folder} '
+                    f'({type(e).__name__}: {first_line}); {_local_hint(name)}') from None
 
 
 def _locate_tfds(data_config, split: str) -> _Input:
@@ -342,6 +422,12 @@ def _locate_tfds(data_config, split: str) -> _Input:
     raise DataError(f'tfds has no dataset data.name={name!r} ({type(e).__name__}): '
                     'use cifar10, cifar100, svhn_cropped or stl10') from None
   folder = os.fspath(builder.data_dir)
+  # Prepared here rather than when decoding, so the cache key lists the prepared files.
+  if not builder.is_prepared():
+    if not data_config.download:
+      raise DataError(f'tfds {name} is not prepared in {folder} and data.download is False: '
+                      f'{_local_hint(name)}')
+    _download_and_prepare(builder, folder)
   files = tuple(sorted(os.path.join(folder, f) for f in os.listdir(folder))
                 ) if os.path.isdir(folder) else ()
   return _Input(folder, files, builder=builder)
@@ -352,10 +438,7 @@ def _decode_tfds(found: _Input, split: str) -> Split:
   builder = found.builder
   try:
     source = builder.as_data_source(split=split)
-  except Exception:  # Diagnosed below; tfds' own message misleads when offline.
-    if not builder.is_prepared():
-      raise DataError(f'tfds {builder.name} is not prepared in {found.root}; '
-                      f'{_offline_hint(builder.name)}') from None
+  except Exception:  # Diagnosed below; tfds' own message names no fix.
     if split not in builder.info.splits:
       raise DataError(f'tfds {builder.name} has no split {split!r} in {found.root}: '
                       f'it has {sorted(builder.info.splits)}') from None
