@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mocosfl_jax import compilation
 from mocosfl_jax.data import augment
 
 
@@ -20,7 +21,7 @@ def make_embed(client_net, server_net, mean, std, batch_size: int = 500):
   test set and any other image count share it, where a program over all
   batches would compile the network again for each count.
   """
-  @functools.partial(jax.jit, static_argnames='head')
+  @functools.partial(compilation.jit, static_argnames='head')
   def embed_batch(client_params, server_vars, batch, head: bool):
     x = augment.normalize(batch, mean, std)
     smashed = client_net.apply({'params': client_params}, x)

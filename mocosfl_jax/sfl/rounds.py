@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mocosfl_jax import compilation
 from mocosfl_jax.sfl import fedavg
 from mocosfl_jax.sfl.state import SimState
 
@@ -146,10 +147,10 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
           lambda p, xs: step(p, data.images[xs[1]], batch_sizes, weights, xs[0], xs[2]),
           pooled, (jnp.arange(steps), batches, keys))
       return finish(state, pool, pooled), metrics
-    return jax.jit(run_round, donate_argnums=0)
+    return compilation.jit(run_round, donate_argnums=0)
 
   begin_jit = jax.jit(begin)
-  step_jit = jax.jit(lambda p, images, ids, sizes, w, i, k: step(p, images[ids], sizes, w, i, k),
+  step_jit = compilation.jit(lambda p, images, ids, sizes, w, i, k: step(p, images[ids], sizes, w, i, k),
                      donate_argnums=0)
   finish_jit = jax.jit(finish, donate_argnums=0)
 
