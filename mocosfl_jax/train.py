@@ -35,17 +35,16 @@ log = logging.getLogger('mocosfl_jax')
 # Building the experiment from a config
 # ---------------------------------------------------------------------------
 
-def resolve_client_impl(impl: str, backend: str | None = None) -> str:
-  """'auto' picks the fastest client formulation measured for the backend.
+def resolve_client_impl(impl: str) -> str:
+  """'auto': clients as batched matmuls ('matmul') on every backend.
 
-  On CPU a native conv per client in a device loop ('map') beats a grouped
-  convolution ('vmap') by about 12x (design/performance-notes.md); on GPUs
-  grouped convolutions are a known slow path, so clients run as batched
-  matmuls there (see the README's benchmark table).
+  On CPU a grouped convolution ('vmap') is about 12x slower than either
+  alternative (design/performance-notes.md); with its hand-written backward,
+  'matmul' is as fast as a native conv per client ('map') at cut 1 and 1.4x
+  faster at cut 2 (README "Performance"). On GPUs grouped convolutions are a
+  known slow path too.
   """
-  if impl != 'auto':
-    return impl
-  return 'map' if (backend or jax.default_backend()) == 'cpu' else 'matmul'
+  return 'matmul' if impl == 'auto' else impl
 
 
 def resolve_round_impl(impl: str, backend: str | None = None) -> str:

@@ -123,5 +123,19 @@ def test_client_as_matmul_equals_native_convolutions(cut_layer):
                              rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('kernel_size, stride', [(3, 1), (3, 2), (1, 2)])
+def test_matmul_conv_gradients_equal_native_convolution_gradients(kernel_size, stride):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 4))
+  pad = ((kernel_size // 2,) * 2,) * 2
+  native = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  matmul = lambda x, k: resnet.conv_as_matmul(x, k, (stride, stride), pad)
+  weights = jax.random.normal(jax.random.key(2), native(x, kernel).shape)
+  grads = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1))(x, kernel)
+  for got, want in zip(grads(matmul), grads(native)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_paper_names_for_cut_layers():
   assert split.PAPER_NAMES == {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}

@@ -41,11 +41,48 @@ def conv_as_matmul(x, kernel, strides, padding):
   (design/performance-notes.md).
   """
   kh, kw, cin, cout = kernel.shape
-  patches = lax.conv_general_dilated_patches(
-      x, (kh, kw), strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   # Patch features are ordered (in_channel, kh, kw).
   matrix = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
-  return patches @ matrix
+  return _patches_matmul(x, matrix, (kh, kw), strides, padding)
+
+
+def _patches(x, window, strides, padding):
+  return lax.conv_general_dilated_patches(
+      x, window, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _patches_matmul(x, matrix, window, strides, padding):
+  return _patches(x, window, strides, padding) @ matrix
+
+
+def _patches_matmul_fwd(x, matrix, window, strides, padding):
+  return _patches_matmul(x, matrix, window, strides, padding), (x, matrix)
+
+
+def _patches_matmul_bwd(window, strides, padding, residuals, grad):
+  """Matmuls plus a scatter-add of the patch gradients (col2im).
+
+  Autodiff would transpose the patch extraction into a convolution with a
+  one-hot kernel: 16.3 s instead of 8.6 s per CPU step at cut 2.
+  """
+  x, matrix = residuals
+  patches = _patches(x, window, strides, padding)
+  grad_matrix = jnp.einsum('bhwk,bhwo->ko', patches, grad)
+  kh, kw = window
+  (sh, sw), (pad_h, pad_w) = strides, padding
+  grad_patches = (grad @ matrix.T).reshape(grad.shape[:3] + (x.shape[-1], kh, kw))
+  b, ho, wo = grad.shape[:3]
+  padded = jnp.zeros((b, x.shape[1] + sum(pad_h), x.shape[2] + sum(pad_w), x.shape[3]), x.dtype)
+  for i in range(kh):
+    for j in range(kw):
+      padded = padded.at[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :].add(
+          grad_patches[..., i, j])
+  grad_x = padded[:, pad_h[0]:pad_h[0] + x.shape[1], pad_w[0]:pad_w[0] + x.shape[2], :]
+  return grad_x, grad_matrix
+
+
+_patches_matmul.defvjp(_patches_matmul_fwd, _patches_matmul_bwd)
 
 
 class Conv(nn.Module):

@@ -1,0 +1,30 @@
+"""Compiler options of the convolution-heavy programs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mocosfl_jax import compilation
+
+
+def conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def test_cpu_programs_leave_convolutions_to_eigen():
+  assert jax.default_backend() == 'cpu'
+  assert compilation.compiler_options() == compilation.CPU_OPTIONS
+  x, w = jnp.ones((8, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
+  hlo = compilation.jit(conv).lower(x, w).compile().as_text()
+  assert 'ynn_fusion' not in hlo
+  np.testing.assert_allclose(compilation.jit(conv)(x, w), jax.jit(conv)(x, w), rtol=1e-5)
+
+
+def test_an_option_this_jaxlib_lacks_is_dropped(monkeypatch):
+  monkeypatch.setattr(compilation, 'CPU_OPTIONS', {'xla_cpu_no_such_option_for_sure': True})
+  compilation.compiler_options.cache_clear()
+  try:
+    assert compilation.compiler_options() is None
+    assert float(compilation.jit(jnp.sum)(jnp.ones(3))) == 3.0
+  finally:
+    compilation.compiler_options.cache_clear()
