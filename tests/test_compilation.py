@@ -1,4 +1,4 @@
-"""Compiler options of the convolution-heavy programs."""
+"""Compiler options and fusion boundaries of the convolution-heavy programs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,3 +28,14 @@ def test_an_option_this_jaxlib_lacks_is_dropped(monkeypatch):
     assert float(compilation.jit(jnp.sum)(jnp.ones(3))) == 3.0
   finally:
     compilation.compiler_options.cache_clear()
+
+
+def test_materialize_is_the_identity_and_survives_compilation_as_a_boundary():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  f = lambda x: jnp.sum(jnp.sin(compilation.materialize(jnp.exp(x))))
+  np.testing.assert_array_equal(jax.jit(compilation.materialize)(x), x)
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jnp.cos(jnp.exp(x)) * jnp.exp(x), rtol=1e-5)
+  # The boundary is only worth its place if XLA keeps it; a jaxlib that folds the
+  # conditional away should fail here rather than silently lose the speed-up.
+  hlo = compilation.jit(f).lower(x).compile().as_text()
+  assert ' conditional(' in hlo

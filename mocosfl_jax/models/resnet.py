@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mocosfl_jax.compilation import materialize
+
 # Weight-standardized convs keep PyTorch's default conv init, U(+-1/sqrt(fan_in)),
 # because the reference's Xavier re-init skips them (spec 1.8, 9.12). Since WS
 # removes the kernel's scale, this choice sets the effective learning rate.
@@ -25,11 +27,15 @@ NUM_MODULES = 9  # stem + 2 BasicBlocks in each of the 4 stages
 def standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
   """Per output filter: subtract the mean, divide by (unbiased std + eps).
 
-  The epsilon sits outside the square root, as in the reference.
+  The epsilon sits outside the square root, as in the reference. The kernel is
+  flattened to (fan_in, out) first: XLA:CPU lowers a reduction over the three
+  leading HWIO axes to slow reduce-windows (2.5x the time for fwd + bwd).
   """
-  axes = tuple(range(kernel.ndim - 1))  # HWIO: all but the output axis
-  centred = kernel - kernel.mean(axis=axes, keepdims=True)
-  return centred / (centred.std(axis=axes, ddof=1, keepdims=True) + eps)
+  flat = kernel.reshape(-1, kernel.shape[-1])
+  fan_in = flat.shape[0]
+  centred = flat - jnp.sum(flat, axis=0) / fan_in
+  std = jnp.sqrt(jnp.sum(centred * centred, axis=0) / (fan_in - 1))
+  return (centred / (std + eps)).reshape(kernel.shape)
 
 
 def conv_as_matmul(x, kernel, strides, padding):
@@ -150,7 +156,7 @@ class BasicBlock(nn.Module):
     if self.strides != 1 or x.shape[-1] != self.features:
       x = conv(self.features, 1, self.strides)(x)
       x = group_norm(self.features)(x)
-    return nn.relu(x + y)
+    return materialize(nn.relu(x + y))
 
 
 def channels(width: float) -> tuple[int, ...]:

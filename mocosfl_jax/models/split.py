@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mocosfl_jax.compilation import materialize
 from mocosfl_jax.models import heads, resnet
 
 PAPER_NAMES = {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}
@@ -43,7 +44,9 @@ class ServerNet(nn.Module):
   @nn.compact
   def __call__(self, smashed, train: bool = True, features_only: bool = False, mask=None):
     """``mask`` (rows,): the rows that count in the head's BatchNorm statistics (all if None)."""
-    x = smashed
+    # The smashed data's GroupNorm chain would otherwise be recomputed inside the
+    # first kernel gradient's transpose (compilation.materialize).
+    x = materialize(smashed)
     for i in range(self.cut_layer, resnet.NUM_MODULES):
       x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization)(x)
     features = jnp.mean(x, axis=(1, 2))
