@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from mocosfl_jax.compilation import materialize
 from mocosfl_jax.sfl import moco, optim
 from mocosfl_jax.sfl.state import SimState
 
@@ -88,6 +89,9 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       valid = (jnp.arange(b) < batch_sizes[:, None]).reshape(n * b)
       forward = _compacting_forward(server_net, valid, server_batch or n * b)
     view1, view2 = augment(key, images.reshape((n * b,) + images.shape[2:]))
+    # Stored once: XLA:CPU would otherwise fuse the whole augmentation into each
+    # of the first convolution's patch taps and recompute it there.
+    view1, view2 = materialize(view1), materialize(view2)
     view1 = view1.reshape((n, b) + view1.shape[1:])
     view2 = view2.reshape((n, b) + view2.shape[1:])
     c = state.clients
