@@ -127,7 +127,7 @@ class BasicBlock(nn.Module):
     conv = functools.partial(Conv, weight_standardization=self.weight_standardization,
                              as_matmul=self.as_matmul)
     y = conv(self.features, 3, self.strides)(x)
-    y = nn.relu(group_norm(self.features)(y))
+    y = materialize(nn.relu(group_norm(self.features)(y)))
     y = conv(self.features, 3, 1)(y)
     y = group_norm(self.features)(y)
     if self.strides != 1 or x.shape[-1] != self.features:
