@@ -53,10 +53,10 @@ def materialize(x: jax.Array) -> jax.Array:
   input into the transpose and recomputes it there, reading four or five
   activation arrays in transposed order: 215 ms for one layer-1 transpose
   instead of about 15 ms. So every activation a server convolution reads (the
-  smashed data, each block's output and its inner GroupNorm-ReLU) is stored. A conditional is the one boundary XLA:CPU keeps
-  (``lax.optimization_barrier`` is removed before fusion, and a conditional with
-  identical branches is folded), so both branches are the identity but one
-  passes through a barrier. Paper-setting CPU step: about 6.8 s -> 6.3 s for
+  smashed data, each block's output and its inner GroupNorm-ReLU) is stored.
+  A conditional is the one boundary XLA:CPU keeps (``lax.optimization_barrier``
+  is removed before fusion, and a conditional with identical branches is
+  folded), so both branches are the identity but one passes through a barrier. Paper-setting CPU step: about 6.8 s -> 6.3 s for
   the block outputs, 6.1 s -> 5.8 s more for the inner activations. Other
   backends get ``x`` unchanged: a GPU conditional waits for its predicate on
   the host.
