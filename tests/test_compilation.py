@@ -39,3 +39,13 @@ def test_materialize_is_the_identity_and_survives_compilation_as_a_boundary():
   # conditional away should fail here rather than silently lose the speed-up.
   hlo = compilation.jit(f).lower(x).compile().as_text()
   assert ' conditional(' in hlo
+
+
+def test_materialize_under_vmap_keeps_one_unbatched_boundary():
+  x = jax.random.normal(jax.random.key(1), (5, 3, 4))
+  f = lambda x: jnp.sum(jnp.sin(jax.vmap(compilation.materialize)(jnp.exp(x))))
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jnp.cos(jnp.exp(x)) * jnp.exp(x), rtol=1e-5)
+  # A batched predicate would make the conditional a select of both branches.
+  hlo = compilation.jit(f).lower(x).compile().as_text()
+  assert ' conditional(' in hlo
+  assert 'select' not in hlo

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mocosfl_jax.compilation import materialize
+from mocosfl_jax.models.group_norm import GroupNorm
 
 # Weight-standardized convs keep PyTorch's default conv init, U(+-1/sqrt(fan_in)),
 # because the reference's Xavier re-init skips them (spec 1.8, 9.12). Since WS
@@ -94,10 +95,9 @@ class Conv(nn.Module):
         x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> GroupNorm:
   """GroupNorm with 4 channels per group and PyTorch's epsilon (spec 1.2)."""
-  return nn.GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5,
-                      use_fast_variance=False)
+  return GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5)
 
 
 class Stem(nn.Module):
