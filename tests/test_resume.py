@@ -158,7 +158,10 @@ def _wait_until(process, condition, what):
   while not condition():
     assert process.poll() is None, f'the run ended (status {process.returncode}) before {what}'
     assert time.monotonic() < deadline, f'no {what} after {DEADLINE_S} s'
-    time.sleep(0.02)
+    try:  # returns at once if the run ends, else re-checks the condition
+      process.wait(timeout=0.02)
+    except subprocess.TimeoutExpired:
+      pass
 
 
 def _last_record_round(workdir):
