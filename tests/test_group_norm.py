@@ -50,9 +50,14 @@ def test_vmapped_over_per_client_parameters_equals_a_loop():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_module_keeps_flax_parameter_names_and_rejects_other_ranks():
+def test_module_keeps_flax_parameter_names_and_output_dtype_and_rejects_other_ranks():
   module = group_norm.GroupNorm(num_groups=2)
   params = module.init(jax.random.key(0), jnp.ones((1, 2, 2, 8)))['params']
   assert {k: v.shape for k, v in params.items()} == {'scale': (8,), 'bias': (8,)}
+  x = jax.random.normal(jax.random.key(1), (2, 3, 3, 8))
+  half = module.apply({'params': params}, x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, reference(x.astype(jnp.bfloat16), params['scale'], params['bias']),
+                             rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r'\(N, H, W, C\)'):
     module.init(jax.random.key(0), jnp.ones((2, 8)))

@@ -94,4 +94,6 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
+    # As flax: statistics and output in at least float32, whatever the input.
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return group_norm(x, scale, bias, self.num_groups, self.epsilon)
