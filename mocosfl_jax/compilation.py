@@ -56,11 +56,12 @@ def materialize(x: jax.Array) -> jax.Array:
   smashed data, each block's output and its inner GroupNorm-ReLU) is stored.
   A conditional is the one boundary XLA:CPU keeps (``lax.optimization_barrier``
   is removed before fusion, and a conditional with identical branches is
-  folded), so both branches are the identity but one passes through a barrier. Paper-setting CPU step: about 6.8 s -> 6.3 s for
-  the block outputs, 6.1 s -> 5.8 s more for the inner activations. Other
-  backends get ``x`` unchanged: a GPU conditional waits for its predicate on
-  the host. Under ``vmap`` (the per-client models) it stays one boundary over
-  the stacked array, and a cotangent passing back through it gets one too.
+  folded), so both branches are the identity but one passes through a
+  barrier. Paper-setting CPU step: about 6.8 s -> 6.3 s for the block
+  outputs, 6.1 s -> 5.8 s more for the inner activations. Other backends get
+  ``x`` unchanged: a GPU conditional waits for its predicate on the host.
+  Under ``vmap`` (the per-client models) it stays one boundary over the
+  stacked array, and a cotangent passing back through it gets one too.
   """
   if jax.default_backend() != 'cpu':
     return x
@@ -81,6 +82,7 @@ def _boundary_vmap(axis_size, in_batched, x):
 
 
 # custom_vmap has no autodiff rule of its own. The cotangent gets the same
-# boundary, as the conditional's transpose would give it.
+# boundary, as the conditional's transpose would give it. Being a custom_vjp,
+# it supports reverse mode only: no jvp, jacfwd or second derivatives through it.
 _materialize = jax.custom_vjp(_boundary)
 _materialize.defvjp(lambda x: (_boundary(x), None), lambda _, g: (_boundary(g),))

@@ -55,9 +55,12 @@ def test_module_keeps_flax_parameter_names_and_output_dtype_and_rejects_other_ra
   params = module.init(jax.random.key(0), jnp.ones((1, 2, 2, 8)))['params']
   assert {k: v.shape for k, v in params.items()} == {'scale': (8,), 'bias': (8,)}
   x = jax.random.normal(jax.random.key(1), (2, 3, 3, 8))
-  half = module.apply({'params': params}, x.astype(jnp.bfloat16))
-  assert half.dtype == jnp.float32
-  np.testing.assert_allclose(half, reference(x.astype(jnp.bfloat16), params['scale'], params['bias']),
+  half = x.astype(jnp.bfloat16)
+  out = module.apply({'params': params}, half)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, reference(half, params['scale'], params['bias']),
                              rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='3 groups do not divide 8 channels'):
+    group_norm.GroupNorm(num_groups=3).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r'\(N, H, W, C\)'):
     module.init(jax.random.key(0), jnp.ones((2, 8)))

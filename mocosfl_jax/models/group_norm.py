@@ -46,7 +46,7 @@ def _per_channel(per_group: jax.Array, channels: int) -> jax.Array:
 
 
 def _normalize(x, scale, bias, groups, epsilon):
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   count = h * w * (c // groups)
   mean = _group_mean(_sum_spatial(x), groups, count)
   centred = x - _per_channel(mean, c)
@@ -64,7 +64,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
 def _group_norm_bwd(groups, epsilon, residuals, grad):
   del epsilon
   x, mean, rstd, scale = residuals
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   count = h * w * (c // groups)
   grad = materialize(grad)
   rstd_c = _per_channel(rstd, c)
@@ -76,7 +76,8 @@ def _group_norm_bwd(groups, epsilon, residuals, grad):
   mean_grad = _per_channel(_group_mean(grad_sum * scale, groups, count), c)
   mean_proj = _per_channel(_group_mean(grad_dot_normalized * scale, groups, count), c)
   grad_x = rstd_c * (grad * scale - mean_grad - normalized * mean_proj)
-  return grad_x, grad_dot_normalized.sum(0), grad_sum.sum(0)
+  return (grad_x.astype(x.dtype), grad_dot_normalized.sum(0).astype(scale.dtype),
+          grad_sum.sum(0).astype(scale.dtype))
 
 
 group_norm.defvjp(_normalize, _group_norm_bwd)
@@ -92,8 +93,10 @@ class GroupNorm(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'GroupNorm expects (N, H, W, C) activations, got shape {x.shape}')
     channels = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (channels,))
-    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm: {self.num_groups} groups do not divide {channels} channels')
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     # As flax: statistics and output in at least float32, whatever the input.
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return group_norm(x, scale, bias, self.num_groups, self.epsilon)
