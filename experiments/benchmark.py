@@ -47,8 +47,9 @@ def peak_memory_bytes() -> int | None:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
-                 repeats: int, queue_size: int) -> dict:
+def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
+          queue_size: int):
+  """The compiled step of a setting, its first state and images, and the compile seconds."""
   client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul')
   server_net = split.ServerNet(cut_layer, width, 'V2')
   tx = optim.sgd(0.9, 5e-4)
@@ -67,6 +68,13 @@ def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: 
   tick = time.perf_counter()
   compiled = step.lower(state, images, jax.random.key(2)).compile()
   compile_s = time.perf_counter() - tick
+  return compiled, state, images, compile_s
+
+
+def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
+                 repeats: int, queue_size: int) -> dict:
+  compiled, state, images, compile_s = build(clients, batch, cut_layer, impl, width=width,
+                                             queue_size=queue_size)
   state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
   jax.block_until_ready(metrics)
   times = []

@@ -1,0 +1,83 @@
+"""Times the training step with flax's GroupNorm and with ours, alternating, and writes JSON.
+
+    python experiments/groupnorm_ab.py --out experiments/results/groupnorm_ab_cpu.json
+
+Whole-process timings on a shared machine drift by 5-10% between runs, more
+than the difference measured here. So both programs are compiled in one process
+and their steps alternate, each timed under the same load. 'flax' is
+``flax.linen.GroupNorm(use_fast_variance=False)``, the model's norm before
+``mocosfl_jax/models/group_norm.py``; 'ours' is the package as it is.
+Settings and formulation as ``benchmark.py`` (client formulation 'matmul').
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmark  # noqa: E402
+from mocosfl_jax.models import resnet  # noqa: E402
+
+VARIANTS = {
+    'flax': lambda channels: nn.GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5,
+                                          use_fast_variance=False),
+    'ours': resnet.group_norm,
+}
+
+
+def compare(setting: str, repeats: int) -> dict:
+  programs = {}
+  for name, norm in VARIANTS.items():
+    resnet.group_norm = norm  # read when the model is traced, inside build()
+    try:
+      compiled, state, images, _ = benchmark.build(**benchmark.SETTINGS[setting], impl='matmul',
+                                                   width=1.0, queue_size=6000)
+    finally:
+      resnet.group_norm = VARIANTS['ours']
+    state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
+    jax.block_until_ready(metrics)
+    programs[name] = [compiled, state, images]
+  times = {name: [] for name in programs}
+  for i in range(repeats):
+    for name, program in programs.items():
+      compiled, state, images = program
+      tick = time.perf_counter()
+      program[1], metrics = compiled(state, images, jax.random.key(3 + i))
+      jax.block_until_ready((program[1], metrics))
+      times[name].append(time.perf_counter() - tick)
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  return {'setting': setting, **benchmark.SETTINGS[setting], 'impl': 'matmul',
+          'step_seconds_median': medians, 'step_seconds_all': times,
+          'speedup': medians['flax'] / medians['ours']}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='JSON file to write')
+  parser.add_argument('--settings', default='a,b', help='comma-separated subset of a,b,c')
+  parser.add_argument('--repeats', type=int, default=4, help='timed steps per variant')
+  args = parser.parse_args()
+  results = {'date': datetime.date.today().isoformat(), 'backend': jax.default_backend(),
+             'cpu_count': os.cpu_count(), 'machine': platform.platform(),
+             'jax_version': jax.__version__, 'command': ' '.join(sys.argv), 'runs': []}
+  for setting in args.settings.split(','):
+    run = compare(setting, args.repeats)
+    results['runs'].append(run)
+    print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
