@@ -13,10 +13,7 @@ one step includes the on-device augmentation of 2 x n x B images.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -24,9 +21,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import results_file  # noqa: E402
 from mocosfl_jax import compilation  # noqa: E402
 from mocosfl_jax.data import augment, sources  # noqa: E402
 from mocosfl_jax.models import split  # noqa: E402
@@ -103,27 +100,14 @@ def main():
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--queue-size', type=int, default=6000)
   args = parser.parse_args()
-  results = {
-      'date': datetime.date.today().isoformat(),
-      'backend': jax.default_backend(),
-      'devices': [d.device_kind for d in jax.devices()],
-      'cpu_count': os.cpu_count(),
-      'machine': platform.platform(),
-      'jax_version': jax.__version__,
-      'command': ' '.join(sys.argv),
-      'runs': [],
-  }
+  results = results_file.new(backend=jax.default_backend(),
+                             devices=[d.device_kind for d in jax.devices()],
+                             jax_version=jax.__version__)
   for name in args.settings.split(','):
     for impl in args.impls.split(','):
       run = time_setting(**SETTINGS[name], impl=impl, width=args.width, repeats=args.repeats,
                          queue_size=args.queue_size)
-      run['setting'] = name
-      results['runs'].append(run)
-      print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, 'w') as f:
-        json.dump(results, f, indent=2)
-
+      results_file.add_run(results, {**run, 'setting': name}, args.out)
 
 if __name__ == '__main__':
   main()

@@ -12,10 +12,7 @@ Settings and formulation as ``benchmark.py`` (client formulation 'matmul').
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,9 +20,9 @@ import time
 import flax.linen as nn
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
+import results_file  # noqa: E402
 from mocosfl_jax.models import resnet  # noqa: E402
 
 VARIANTS = {
@@ -67,17 +64,9 @@ def main():
   parser.add_argument('--settings', default='a,b', help='comma-separated subset of a,b,c')
   parser.add_argument('--repeats', type=int, default=4, help='timed steps per variant')
   args = parser.parse_args()
-  results = {'date': datetime.date.today().isoformat(), 'backend': jax.default_backend(),
-             'cpu_count': os.cpu_count(), 'machine': platform.platform(),
-             'jax_version': jax.__version__, 'command': ' '.join(sys.argv), 'runs': []}
+  results = results_file.new(backend=jax.default_backend(), jax_version=jax.__version__)
   for setting in args.settings.split(','):
-    run = compare(setting, args.repeats)
-    results['runs'].append(run)
-    print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=2)
-
+    results_file.add_run(results, compare(setting, args.repeats), args.out)
 
 if __name__ == '__main__':
   main()

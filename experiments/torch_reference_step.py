@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import results_file  # experiments/, beside this script
 
 
 class WSConv(nn.Conv2d):
@@ -144,18 +142,10 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
   settings = {'a': (100, 1, 1), 'b': (100, 1, 2), 'c': (5, 20, 1)}
-  results = {'date': datetime.date.today().isoformat(), 'torch_version': torch.__version__,
-             'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-             'machine': platform.platform(), 'runs': []}
+  results = results_file.new(torch_version=torch.__version__, threads=torch.get_num_threads())
   for name in args.settings.split(','):
     run = time_setting(*settings[name], repeats=args.repeats)
-    run['setting'] = name
-    results['runs'].append(run)
-    print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=2)
-
+    results_file.add_run(results, {**run, 'setting': name}, args.out)
 
 if __name__ == '__main__':
   main()

@@ -1,0 +1,30 @@
+"""The JSON results file the experiment scripts share: machine facts and runs so far.
+
+Imports nothing but the standard library, so the PyTorch reference script can
+use it without JAX.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+
+def new(**facts) -> dict:
+  """Results with the date, machine and command, plus ``facts`` (versions, backend)."""
+  return {'date': datetime.date.today().isoformat(), 'cpu_count': os.cpu_count(),
+          'machine': platform.platform(), 'command': ' '.join(sys.argv), **facts, 'runs': []}
+
+
+def add_run(results: dict, run: dict, path: str) -> None:
+  """Appends ``run``, prints it without per-step times, and rewrites ``path``.
+
+  Written after every run, so an interrupted sweep keeps what it measured.
+  """
+  results['runs'].append(run)
+  print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
