@@ -39,10 +39,10 @@ def resolve_client_impl(impl: str) -> str:
   """'auto': clients as batched matmuls ('matmul') on every backend.
 
   On CPU a grouped convolution ('vmap') is about 12x slower than either
-  alternative (design/performance-notes.md); 'matmul' is as fast as a native
-  conv per client ('map') at cut 1 and 1.7x faster at cut 2 (README
-  "Performance"). On GPUs grouped convolutions are a
-  known slow path too.
+  alternative (design/performance-notes.md); 'matmul' is a little faster than
+  a native conv per client ('map') at cut 1 and about 2x faster at cut 2
+  (README "Performance"). On GPUs grouped convolutions are a known slow path
+  too.
   """
   return 'matmul' if impl == 'auto' else impl
 
