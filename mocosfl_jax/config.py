@@ -1,15 +1,23 @@
 """The default configuration and the reference's ``auto_adjust`` rules.
 
 Experiment configs in ``configs/`` start from :func:`default_config` and
-override a few fields; every field is documented here once.
+override a few fields; every field is documented here once. A run starts from
+:func:`resolved`, which applies ``auto_adjust`` after the command line's
+overrides, so ``--config.num_clients=200`` re-derives the schedule.
 """
 from __future__ import annotations
 
 import ml_collections
 
+# The reference's rules produce its CIFAR-10/100 schedules (spec 3.2): a FedAvg
+# every 50 steps needs the number of steps in a pass, which depends on the
+# training set's size; the config is resolved before any data is loaded.
+AUTO_ADJUST_TRAIN_SAMPLES = 50_000
+AUTO_ADJUST_DATASETS = ('cifar10', 'cifar100')
+
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field with its default. Defaults follow the reference (spec 3.1, 10)."""
+  """Every field with its default. Defaults follow the reference (spec 3.1, 10), except the seed."""
   c = ml_collections.ConfigDict()
   c.seed = 0                   # fixes init, partition, pool draws, data order and augmentation
   c.num_clients = 100          # N: clients that exist (each has its own state)
@@ -21,6 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.steps_per_round = 0        # server steps per round; 0 = a client's samples // batch_size
   c.sync_every = 50            # FedAvg every this many steps, and always after a round's last step
   c.round_impl = 'auto'        # scan (a round is one program) | loop (a program per step) | auto
+  c.auto_adjust = False        # derive batch_size, client_sample_ratio, sync_every and num_rounds
+                               # (x 1 / ratio) from num_clients when the run starts (spec 3.2)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'digits'     # digits | npz | cifar_python | image_folder | tfds
@@ -76,12 +86,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def auto_adjust(config: ml_collections.ConfigDict, num_train_samples: int = 50_000,
-                base_rounds: int = 200) -> ml_collections.ConfigDict:
+def auto_adjust(config: ml_collections.ConfigDict,
+                num_train_samples: int = AUTO_ADJUST_TRAIN_SAMPLES) -> ml_collections.ConfigDict:
   """The reference's ``--auto_adjust`` (spec 3.2): about 100 images per view per step.
 
   batch 100 // N for N <= 50 (else 1); a FedAvg every 50 steps; 100 clients per
-  step (ratio 100 / N for N >= 200); rounds multiplied by 1 / ratio.
+  step (ratio 100 / N for N >= 200); ``num_rounds`` (the reference's epochs)
+  multiplied by 1 / ratio. Changes ``config`` in place and returns it.
   """
   n = config.num_clients
   config.batch_size = 100 // n if n <= 50 else 1
@@ -89,5 +100,18 @@ def auto_adjust(config: ml_collections.ConfigDict, num_train_samples: int = 50_0
   steps_per_round = num_train_samples // n // config.batch_size
   avg_freq = 1000 // (config.batch_size * n) if n <= 1000 else 1
   config.sync_every = max(steps_per_round // max(avg_freq, 1), 1)
-  config.num_rounds = base_rounds * int(round(1.0 / config.client_sample_ratio))
+  config.num_rounds = config.num_rounds * int(round(1.0 / config.client_sample_ratio))
+  return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``auto_adjust`` applied, as a run uses it.
+
+  The copy holds the derived values with ``auto_adjust`` off, so resolving it
+  again changes nothing (a checkpoint stores it and a resume compares against it).
+  """
+  config = config.copy_and_resolve_references()
+  if config.auto_adjust:
+    auto_adjust(config, int(AUTO_ADJUST_TRAIN_SAMPLES * config.data.data_proportion))
+    config.auto_adjust = False
   return config

@@ -216,9 +216,24 @@ def _check_data(c: dict[str, Any], num_train_samples: int | None,
             'lower batch_size or num_clients, or raise data.data_proportion')
 
 
+def _check_auto_adjust(c: dict[str, Any]) -> None:
+  """What :func:`config.auto_adjust` needs before it can derive the other fields."""
+  _rule('num_clients', c['num_clients'], c['num_clients'] >= 1, 'must be >= 1')
+  _rule('data.data_proportion', c['data.data_proportion'], 0 < c['data.data_proportion'] <= 1,
+        'must be in (0, 1]')
+  _rule('auto_adjust', True, c['data.name'] in config_lib.AUTO_ADJUST_DATASETS,
+        f"its rules give the reference's schedules for the 50,000-image training sets of "
+        f'{" and ".join(config_lib.AUTO_ADJUST_DATASETS)}; with data.name={c["data.name"]!r} '
+        'pass --config.auto_adjust=False and set batch_size, client_sample_ratio, sync_every '
+        'and num_rounds')
+
+
 def validate(config, *, num_train_samples: int | None = None,
              samples_per_client: int | Sequence[int] | None = None) -> None:
   """Raises :class:`ConfigError` for the first field that cannot work.
+
+  With ``auto_adjust`` on, the values checked are those it derives
+  (:func:`config.resolved`).
 
   Args:
     config: the run's ConfigDict (or a plain nested dict of the same fields).
@@ -234,5 +249,8 @@ def validate(config, *, num_train_samples: int | None = None,
   """
   given = _flatten(_as_dict(config))
   _check_structure(given, _flatten(config_lib.default_config().to_dict()))
+  if given['auto_adjust']:
+    _check_auto_adjust(given)
+    given = _flatten(config_lib.resolved(ml_collections.ConfigDict(_as_dict(config))).to_dict())
   _check_values(given)
   _check_data(given, num_train_samples, samples_per_client)

@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from mocosfl_jax import checkpoint
+from mocosfl_jax import config as config_lib
 from mocosfl_jax import config_checks
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
@@ -251,7 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
   every ``config.checkpoint.every`` rounds and at the end.
 
   Args:
-    config: the experiment's config.
+    config: the experiment's config; with ``auto_adjust`` on, the run uses
+      (and its checkpoints and summary record) the values it derives.
     workdir: directory for metrics, summaries and checkpoints.
     fresh: delete the workdir's checkpoints and start over instead of resuming.
 
@@ -268,6 +270,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
       whose checkpoint is saved.
   """
   config_checks.validate(config)
+  if config.auto_adjust:
+    config = config_lib.resolved(config)
+    log.info('auto_adjust for %d clients: batch_size %d, client_sample_ratio %g, sync_every %d, '
+             'num_rounds %d', config.num_clients, config.batch_size, config.client_sample_ratio,
+             config.sync_every, config.num_rounds)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()

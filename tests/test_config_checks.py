@@ -36,15 +36,67 @@ def rejects(config, field, **data):
   return message
 
 
+def shipped_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def test_defaults_and_shipped_configs_pass():
   config_checks.validate(config_lib.default_config())
   config_checks.validate(ml_collections.FrozenConfigDict(config_lib.default_config()))
-  for name in ('quickstart', 'cifar10_1000', 'cifar10_5clients'):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(REPO, 'configs', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config_checks.validate(module.get_config())
+  for name in ('quickstart', 'cifar10_1000', 'cifar10_5clients', 'cifar10_cpu'):
+    config_checks.validate(shipped_config(name))
+
+
+# Spec 3.2's table: N -> batch per client, sampling ratio, FedAvg period in
+# steps, rounds (from the reference's 200 epochs).
+AUTO_ADJUST_TABLE = {
+    5: (20, 1.0, 50, 200), 20: (5, 1.0, 50, 200), 100: (1, 1.0, 50, 200),
+    200: (1, 0.5, 50, 400), 500: (1, 0.2, 50, 1000), 1000: (1, 0.1, 50, 2000),
+}
+
+
+@pytest.mark.parametrize('num_clients', sorted(AUTO_ADJUST_TABLE))
+def test_auto_adjust_follows_a_num_clients_override(num_clients):
+  # As --config.num_clients=N does: the override lands after get_config.
+  config = shipped_config('cifar10_1000')
+  config.num_clients = num_clients
+  config_checks.validate(config)
+  run = config_lib.resolved(config)
+  assert (run.batch_size, run.client_sample_ratio, run.sync_every,
+          run.num_rounds) == AUTO_ADJUST_TABLE[num_clients]
+  assert config.num_rounds == 200 and config.auto_adjust  # the given config is left alone
+  assert not run.auto_adjust and config_lib.resolved(run).to_dict() == run.to_dict()
+
+
+def test_shipped_paper_configs_resolve_to_the_paper_schedules():
+  for name, clients in (('cifar10_1000', 1000), ('cifar10_5clients', 5)):
+    run = config_lib.resolved(shipped_config(name))
+    assert (run.num_clients, run.batch_size, run.client_sample_ratio, run.sync_every,
+            run.num_rounds) == (clients,) + AUTO_ADJUST_TABLE[clients]
+
+
+def test_auto_adjust_off_keeps_the_fields():
+  config = shipped_config('cifar10_1000')
+  config.auto_adjust = False
+  config.batch_size = 3
+  assert config_lib.resolved(config).to_dict() == config.to_dict()
+
+
+def test_validation_judges_the_values_auto_adjust_derives():
+  # 5,000 clients as set: a pool of all of them overflows the queue; derived: 100 per step.
+  config = shipped_config('cifar10_1000')
+  config.num_clients = 5000
+  config_checks.validate(config)
+  config.auto_adjust = False
+  rejects(config, 'moco.queue_size')
+
+
+def test_auto_adjust_refuses_a_dataset_it_has_no_schedule_for():
+  message = rejects(with_fields(auto_adjust=True), 'auto_adjust')
+  assert "data.name='digits'" in message and '--config.auto_adjust=False' in message
 
 
 @pytest.mark.parametrize('field, value', [
