@@ -306,11 +306,13 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     best.clear()
     state = exp.init_state(init_key)
     start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
+    timed_rounds, timed_seconds = 0, 0.0
   else:
     state, meta = restored
     start = meta['round']
     knn_history = [tuple(entry) for entry in meta['knn_history']]
     train_seconds, elapsed_before = meta['train_seconds'], meta['elapsed_s']
+    timed_rounds, timed_seconds = meta.get('timed_rounds', 0), meta.get('timed_seconds', 0.0)
     log.info('resuming from the checkpoint of round %d in %s', start, checkpoints.directory)
   elapsed = lambda: elapsed_before + time.time() - started
   data = exp.client_data()
@@ -346,7 +348,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       tick = time.time()
       state, step_metrics = exp.run_round(state, data, round_key)
       step_metrics, finite = jax.device_get((step_metrics, all_finite(state)))
-      train_seconds += time.time() - tick
+      seconds = time.time() - tick
+      train_seconds += seconds
+      # A process's first round compiles the round program: throughput leaves it out.
+      if r > start:
+        timed_rounds, timed_seconds = timed_rounds + 1, timed_seconds + seconds
       record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
       rounds_done = r + 1
       if not (np.isfinite(record['loss']) and finite):
@@ -378,6 +384,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if rounds_done % c.checkpoint.every == 0 or rounds_done == c.num_rounds or stop:
         checkpoints.save(state, rounds_done, c, {
             'knn_history': knn_history, 'train_seconds': train_seconds,
+            'timed_rounds': timed_rounds, 'timed_seconds': timed_seconds,
             'elapsed_s': elapsed()})
         last_saved = rounds_done
       if stop:
@@ -389,6 +396,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   # Valid rows only: padding rows of ragged batches are not images.
   images_per_step = (2 * exp.pool_size * c.batch_size
                      * float(np.mean(exp.partition.batch_multiplier)))
+  if timed_rounds:
+    rate = timed_rounds * exp.steps_per_round / timed_seconds
+  else:  # every round was some process's first
+    rate = steps / train_seconds
   summary = {
       'initial_knn_accuracy': initial_knn,
       'final_knn_accuracy': knn_history[-1][1],
@@ -397,8 +408,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       'steps': steps,
       'wall_seconds': elapsed(),
       'train_seconds': train_seconds,
-      'steps_per_second': steps / train_seconds,
-      'images_per_second': steps * images_per_step / train_seconds,
+      'timed_rounds': timed_rounds,
+      'timed_seconds': timed_seconds,
+      'steps_per_second': rate,
+      'images_per_second': rate * images_per_step,
       'run': info,
       'config': c.to_dict(),
   }

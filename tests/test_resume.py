@@ -121,6 +121,15 @@ def _edit_saved_config(workdir, **changes):
     meta_file.write_text(json.dumps(meta))
 
 
+def test_throughput_leaves_out_the_compiling_first_round(reference):
+  summary = json.loads((reference / 'summary.json').read_text())
+  assert summary['timed_rounds'] == NUM_ROUNDS - 1
+  assert 0 < summary['timed_seconds'] < summary['train_seconds']
+  steps_per_round = summary['steps'] // NUM_ROUNDS
+  assert summary['steps_per_second'] == pytest.approx(
+      (NUM_ROUNDS - 1) * steps_per_round / summary['timed_seconds'])
+
+
 def test_same_config_and_seed_reproduce_metrics_and_parameters(reference, tmp_path):
   # The workdir holds another config's checkpoints and metrics, which the
   # second run must refuse, and then with fresh=True delete instead of resuming.
