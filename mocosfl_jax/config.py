@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
 
   c.moco = ml_collections.ConfigDict()
-  c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2
+  c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2 (loss always symmetric, README)
   c.moco.augmentation = 'auto'  # auto (mocov1 for V1, else mocov2) | mocov1 | mocov2
   c.moco.crop_scale_min = 0.08  # smallest crop area fraction (reference 0.08; larger for tiny images)
   c.moco.queue_size = 6000     # K keys shared by all clients (K // N per client without sharing)

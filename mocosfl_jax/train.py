@@ -96,7 +96,7 @@ def steps_per_round(config, counts: np.ndarray, batch_multiplier: np.ndarray) ->
   steps; a round takes the mean over clients, as floor(mean(counts /
   batch_multiplier)) // batch_size, which without data.hetero is an average
   client's samples // batch_size. Clients with longer passes stop early, and
-  shorter ones start over (rounds.sample_batches).
+  shorter ones go on with a fresh shuffle (rounds.sample_batches).
   """
   return config.steps_per_round or max(
       int(np.mean(counts / batch_multiplier)) // config.batch_size, 1)
@@ -146,7 +146,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       train_step, num_clients=c.num_clients, pool_size=pool, steps=steps,
       batch_size=c.batch_size, sync_every=c.sync_every, average_ema=c.fedavg.average_ema,
       weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan',
-      batch_multiplier=part.batch_multiplier)
+      batch_multiplier=part.batch_multiplier,
+      passes=rounds.passes_needed(counts, c.batch_size * np.asarray(part.batch_multiplier),
+                                  steps))
   embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
   return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
                     run_round, embed, steps, pool, client_impl)

@@ -125,11 +125,32 @@ def test_pool_is_drawn_without_replacement(pool_size):
     np.testing.assert_array_equal(pool, np.arange(N))
 
 
-def test_short_client_wraps_around_its_own_data():
-  table = jnp.array([[5, 6, 7, -1], [1, 2, 3, 4]], jnp.int32)
-  ids = np.asarray(rounds.sample_batches(jax.random.key(0), table, jnp.array([3, 4]), 3, 2))
-  assert set(ids[:, 0].ravel()) == {5, 6, 7}
-  assert set(ids[:, 1].ravel()) <= {1, 2, 3, 4}
+def test_short_client_takes_whole_batches_of_fresh_shuffles():
+  # Client 0 holds 5 samples: batches of 2 give 2 per pass (one sample left
+  # out each time) and 3 passes in 6 steps; client 1 holds 8: 4 steps a pass.
+  table = jnp.array([[5, 6, 7, 8, 9, -1, -1, -1], [10, 11, 12, 13, 14, 15, 16, 17]], jnp.int32)
+  counts = jnp.array([5, 8])
+  assert rounds.passes_needed([5, 8], [2, 2], 6) == 3
+  orders = set()
+  for seed in range(4):
+    ids = np.asarray(rounds.sample_batches(jax.random.key(seed), table, counts, 6, 2, passes=3))
+    assert ids.shape == (6, 2, 2)
+    for first in (0, 2, 4):
+      one_pass = ids[first:first + 2, 0].ravel()
+      assert len(set(one_pass.tolist())) == 4 and set(one_pass.tolist()) < {5, 6, 7, 8, 9}
+      orders.add(tuple(one_pass))
+    assert sorted(ids[:4, 1].ravel().tolist()) == list(range(10, 18))
+    # The default bound (one pass per step) draws the same batches.
+    np.testing.assert_array_equal(
+        ids, rounds.sample_batches(jax.random.key(seed), table, counts, 6, 2))
+  assert len(orders) > 4  # passes are shuffled afresh
+
+
+def test_one_pass_round_does_not_depend_on_the_bound():
+  table = jnp.arange(24, dtype=jnp.int32).reshape(3, 8)
+  counts = jnp.array([8, 6, 7])
+  one = rounds.sample_batches(jax.random.key(1), table, counts, 3, 2, passes=1)
+  np.testing.assert_array_equal(one, rounds.sample_batches(jax.random.key(1), table, counts, 3, 2))
 
 
 def test_stepwise_round_equals_one_program_round():

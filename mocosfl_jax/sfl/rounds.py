@@ -1,10 +1,11 @@
 """A round: sample the pool, gather its rows, scan the steps with FedAvg, scatter back.
 
 A round is the reference's epoch: the pool is drawn once, every pool client
-walks through a fresh shuffle of its own data, and the online client models are
-averaged over the pool every ``sync_every`` steps and after the last step,
-then broadcast to all clients (spec 4.2, 4.7, 9.21). The whole round is one
-compiled program; the host passes only the state, the data arrays and a key.
+walks through fresh shuffles of its own data in whole batches, and the online
+client models are averaged over the pool every ``sync_every`` steps and after
+the last step, then broadcast to all clients (spec 4.2, 4.7, 9.21). The whole
+round is one compiled program; the host passes only the state, the data
+arrays and a key.
 """
 from __future__ import annotations
 
@@ -37,25 +38,43 @@ def sample_pool(key: jax.Array, num_clients: int, pool_size: int) -> jax.Array:
 
 
 def sample_batches(key: jax.Array, table: jax.Array, counts: jax.Array,
-                   steps: int, batch_size: int, batch_sizes: jax.Array | None = None) -> jax.Array:
-  """(steps, n, B) sample ids: each client's own data in a fresh random order.
+                   steps: int, batch_size: int, batch_sizes: jax.Array | None = None,
+                   passes: int | None = None) -> jax.Array:
+  """(steps, n, B) sample ids: each client walks through fresh random orders of its own data.
 
-  A client whose data is shorter than its steps' worth of batches starts over
-  in the same order. ``batch_sizes`` (n,) gives each client its own batch
-  (ragged batches, at most ``batch_size``): client j's step s takes the next
-  ``batch_sizes[j]`` samples into its first rows, and its remaining rows repeat
-  samples that the step then ignores.
+  As the reference's per-client loaders do (spec 2.3 item 5), a pass over a
+  client's data yields whole batches only (``count // size`` of them; the
+  shuffle's remainder is skipped) and the next pass is a fresh shuffle.
+  ``passes`` bounds the shuffles a client may need in ``steps`` steps
+  (default ``steps``, always enough since every client holds at least one
+  batch; :func:`passes_needed` gives the exact number). ``batch_sizes`` (n,)
+  gives each client its own batch (ragged batches, at most ``batch_size``):
+  client j's step takes ``batch_sizes[j]`` samples into its first rows, and its
+  remaining rows repeat samples that the step then ignores.
   """
   if batch_sizes is None:
     batch_sizes = jnp.full(table.shape[0], batch_size)
+  passes = steps if passes is None else passes
 
   def one_client(key, row, count, size):
-    noise = jax.random.uniform(key, row.shape)
-    order = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0))
-    positions = jnp.arange(steps)[:, None] * size + jnp.arange(batch_size)
-    return row[order[positions % jnp.maximum(count, 1)]]
+    # Pass 0 draws from ``key`` itself, so a round that needs one pass does not
+    # depend on ``passes``.
+    later = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), row.shape))
+    noise = jnp.concatenate([jax.random.uniform(key, row.shape)[None],
+                             later(jnp.arange(1, passes))])
+    orders = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0), axis=1)
+    per_pass = jnp.maximum(count // size, 1)
+    step = jnp.arange(steps)[:, None]
+    within = (step % per_pass) * size + jnp.arange(batch_size)
+    return row[orders[jnp.minimum(step // per_pass, passes - 1), within % jnp.maximum(count, 1)]]
   ids = jax.vmap(one_client)(jax.random.split(key, table.shape[0]), table, counts, batch_sizes)
   return ids.transpose(1, 0, 2)
+
+
+def passes_needed(counts: Sequence[int], batch_sizes: Sequence[int], steps: int) -> int:
+  """The most passes over its data (fresh shuffles) any client needs in ``steps`` steps."""
+  per_pass = np.maximum(np.asarray(counts) // np.asarray(batch_sizes), 1)
+  return int(np.max(-(-steps // per_pass)))
 
 
 def most_rows(batch_sizes: Sequence[int], pool_size: int) -> int:
@@ -80,7 +99,8 @@ def scatter(state: SimState, pool: jax.Array, pooled: SimState) -> SimState:
 def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps: int,
                batch_size: int, sync_every: int, average_ema: bool = False,
                weighting: str = 'uniform', one_program: bool = True,
-               batch_multiplier: Sequence[int] | None = None) -> Callable:
+               batch_multiplier: Sequence[int] | None = None,
+               passes: int | None = None) -> Callable:
   """Builds ``run_round(state, data, key) -> (state, per-step metrics)``, compiled.
 
   ``batch_multiplier`` (num_clients,) gives client i the batch
@@ -88,6 +108,9 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   batches differ, every pool client gets the largest batch's rows and the step
   is told each one's own batch (``train_step(state, images, key, batch_sizes)``,
   see sfl/step.py); equal batches make the plain ``train_step(state, images, key)``.
+
+  ``passes`` bounds the shuffles of its data a client may need in a round
+  (:func:`sample_batches`; :func:`passes_needed` from the partition).
 
   ``one_program=True`` scans the steps inside a single compiled program, so an
   accelerator never waits on the host within a round. ``False`` dispatches one
@@ -114,7 +137,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
     pool = sample_pool(k_pool, num_clients, pool_size)
     counts = data.counts[pool]
     batch_sizes = jnp.asarray(client_batches)[pool] if ragged else None
-    batches = sample_batches(k_data, data.table[pool], counts, steps, rows, batch_sizes)
+    batches = sample_batches(k_data, data.table[pool], counts, steps, rows, batch_sizes, passes)
     if weighting == 'data_size':
       weights = counts / jnp.sum(counts)
     else:
