@@ -70,6 +70,7 @@ def get_config(row: str = 't3-cifar10-n1000-noniid-cut1'):
     config.sync_every = 125 // 10
     config.num_rounds = 200 * 4
     return config
+  config.num_rounds = 200  # the scripts' num_epoch; auto_adjust multiplies it by 1 / ratio
   config.auto_adjust = True
   return config
 

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from mocosfl_jax import config as config_lib
+
 log = logging.getLogger('mocosfl_jax')
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -87,14 +89,20 @@ def _json_like(value: Any) -> Any:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """``field saved -> current`` for every differing field outside RESUMABLE_FIELDS."""
+  """``field saved -> current`` for every differing field outside RESUMABLE_FIELDS.
+
+  A field that the saved config lacks (added to the code after it was
+  written) counts as its default, so a run saved before then still resumes.
+  """
   saved, current = _flatten(saved), _flatten(current)
+  defaults = _flatten(config_lib.default_config().to_dict())
   missing = object()
   differences = []
   for name in sorted(set(saved) | set(current)):
     if name in RESUMABLE_FIELDS:
       continue
-    old, new = saved.get(name, missing), _json_like(current.get(name, missing))
+    old = saved[name] if name in saved else _json_like(defaults.get(name, missing))
+    new = _json_like(current.get(name, missing))
     if old != new:
       show = lambda v: '(absent)' if v is missing else repr(v)
       differences.append(f'{name} {show(old)} -> {show(new)}')

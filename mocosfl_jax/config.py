@@ -110,8 +110,20 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The copy holds the derived values with ``auto_adjust`` off, so resolving it
   again changes nothing (a checkpoint stores it and a resume compares against it).
   """
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    config = config.as_configdict()
   config = config.copy_and_resolve_references()
   if config.auto_adjust:
-    auto_adjust(config, int(AUTO_ADJUST_TRAIN_SAMPLES * config.data.data_proportion))
+    # Rounded as partition.make_partition rounds the kept fraction.
+    auto_adjust(config, int(AUTO_ADJUST_TRAIN_SAMPLES * config.data.data_proportion + 1e-9))
     config.auto_adjust = False
   return config
+
+
+def replaced_by_auto_adjust(config: ml_collections.ConfigDict) -> list[str]:
+  """``field=value`` for each field set away from its default that auto_adjust overwrites."""
+  if not config.auto_adjust:
+    return []
+  run, defaults = resolved(config), default_config()
+  return [f'{name}={config[name]!r}' for name in ('batch_size', 'client_sample_ratio', 'sync_every')
+          if config[name] != defaults[name] and config[name] != run[name]]

@@ -273,6 +273,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
   """
   config_checks.validate(config)
   if config.auto_adjust:
+    replaced = config_lib.replaced_by_auto_adjust(config)
+    if replaced:
+      log.warning('auto_adjust replaces %s; pass --config.auto_adjust=False to keep them',
+                  ', '.join(replaced))
     config = config_lib.resolved(config)
     log.info('auto_adjust for %d clients: batch_size %d, client_sample_ratio %g, sync_every %d, '
              'num_rounds %d', config.num_clients, config.batch_size, config.client_sample_ratio,

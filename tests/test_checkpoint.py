@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mocosfl_jax import checkpoint
+from mocosfl_jax import config as config_lib
 
 # A failed read must not spill its other arrays' errors (checkpoint.quiet_failed_reads).
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
@@ -203,6 +204,17 @@ def test_config_differences():
   current = {'a': 1, 'shape': (1, 2), 'nested': {'b': 'y', 'new': True}, 'log_every': 10}
   assert checkpoint.config_differences(saved, current) == [
       "nested.b 'x' -> 'y'", 'nested.gone 0 -> (absent)', 'nested.new (absent) -> True']
+
+
+def test_a_field_the_saved_config_lacks_counts_as_its_default():
+  # As a checkpoint written before the field existed.
+  saved = config_lib.default_config().to_dict()
+  del saved['auto_adjust']
+  current = config_lib.default_config()
+  assert checkpoint.config_differences(saved, current.to_dict()) == []
+  current.auto_adjust = True
+  assert checkpoint.config_differences(saved, current.to_dict()) == [
+      'auto_adjust False -> True']
 
 
 def test_fresh_deletes_the_checkpoints(tmp_path):

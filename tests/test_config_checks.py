@@ -78,6 +78,20 @@ def test_shipped_paper_configs_resolve_to_the_paper_schedules():
             run.num_rounds) == (clients,) + AUTO_ADJUST_TABLE[clients]
 
 
+def test_a_frozen_config_resolves():
+  run = config_lib.resolved(ml_collections.FrozenConfigDict(shipped_config('cifar10_1000')))
+  assert (run.client_sample_ratio, run.num_rounds) == (0.1, 2000)
+
+
+def test_auto_adjust_names_the_fields_it_overwrites():
+  config = shipped_config('cifar10_1000')
+  assert config_lib.replaced_by_auto_adjust(config) == []
+  config.batch_size, config.sync_every = 4, 50
+  assert config_lib.replaced_by_auto_adjust(config) == ['batch_size=4']
+  config.auto_adjust = False
+  assert config_lib.replaced_by_auto_adjust(config) == []
+
+
 def test_auto_adjust_off_keeps_the_fields():
   config = shipped_config('cifar10_1000')
   config.auto_adjust = False

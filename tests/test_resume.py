@@ -228,6 +228,12 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
   (set_aside,) = (workdir / checkpoint.CORRUPT_DIR).iterdir()
   assert set_aside.name.startswith(f'{newest}.')
   _assert_same_run(workdir, reference)
+  # Throughput leaves out the first round of each process whose rounds the
+  # final state descends from: the SIGTERM one, the SIGKILL one if it saved
+  # the checkpoint resumed from, and the last.
+  processes = 3 if previous > stopped else 2
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['timed_rounds'] == NUM_ROUNDS - processes
 
 
 def _cli(tmp_path, workdir, compile_cache, *flags):

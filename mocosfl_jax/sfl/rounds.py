@@ -110,7 +110,9 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   see sfl/step.py); equal batches make the plain ``train_step(state, images, key)``.
 
   ``passes`` bounds the shuffles of its data a client may need in a round
-  (:func:`sample_batches`; :func:`passes_needed` from the partition).
+  (:func:`sample_batches`); a client that needs more reuses the last one.
+  ``None`` means one per step, always enough but a shuffle of every client's
+  data per step: pass :func:`passes_needed` of the partition, as train.build does.
 
   ``one_program=True`` scans the steps inside a single compiled program, so an
   accelerator never waits on the host within a round. ``False`` dispatches one
