@@ -25,6 +25,7 @@ def get_config():
   config.cut_layer = 1
   config.num_rounds = 200
   config.auto_adjust = True
+  config.optim.client_schedule = 'per_client_step'  # the reference's
   config.data.source = 'tfds'
   config.data.name = 'cifar10'
   config.eval.every = 5

@@ -26,6 +26,7 @@ def get_config():
   config.data.name = 'cifar10'
   config.data.path = '../shared/data/cifar10'
   config.model.width = 0.125
+  config.optim.client_schedule = 'per_client_step'  # the reference's
   config.moco.queue_size = 4096
   config.eval.every = 2
   config.checkpoint.every = 2

@@ -10,8 +10,10 @@ Crops keep at least 30% of the image (the reference's 8% leaves nothing of an
 8x8 digit blown up to 32x32), the queue holds 256 keys (1,437 training images:
 a larger queue is mostly stale copies of the same images), and the kNN monitor
 uses k = 20 neighbours (the reference's 200 is more than a class's ~144
-training images). Measured on 2 CPU cores: 2 min 32 s, kNN accuracy rising
-from 67.2% at initialisation to 88.9% (best 89.7%).
+training images). Client learning rates follow the reference's per-client-step
+cosine (86.7% final with --config.optim.client_schedule=per_round). Measured on
+2 CPU cores: 2 min 32 s, kNN accuracy rising from 67.2% at initialisation to
+88.9% (best 89.7%).
 """
 from mocosfl_jax import config as base
 
@@ -28,6 +30,7 @@ def get_config():
   config.data.name = 'digits'
   config.model.width = 0.125
   config.moco.crop_scale_min = 0.3
+  config.optim.client_schedule = 'per_client_step'  # the reference's
   config.moco.queue_size = 256
   config.eval.every = 5
   config.eval.knn_k = 20

@@ -64,6 +64,7 @@ def get_config(row: str = 't3-cifar10-n1000-noniid-cut1'):
   config.eval.every = 20
   config.eval.final_probes = True
   config.checkpoint.every = 20
+  config.optim.client_schedule = 'per_client_step'  # the reference's
   if n == 20:
     config.batch_size = 20
     config.client_sample_ratio = 0.25

@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.client_lr = -1.0     # client learning rate; negative = same as lr
   c.optim.momentum = 0.9       # SGD momentum, server and clients
   c.optim.weight_decay = 5e-4  # coupled (PyTorch) weight decay on every parameter
-  c.optim.client_schedule = 'per_client_step'  # per_client_step (the reference's quirk) | per_round
+  c.optim.client_schedule = 'per_round'  # per_round (the server's per-epoch cosine) | per_client_step
+                                        # (the reference's: its cosine stepped per client step)
 
   c.fedavg = ml_collections.ConfigDict()
   c.fedavg.average_ema = False  # also average the EMA client models (the reference does not)

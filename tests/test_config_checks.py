@@ -76,6 +76,7 @@ def test_shipped_paper_configs_resolve_to_the_paper_schedules():
     run = config_lib.resolved(shipped_config(name))
     assert (run.num_clients, run.batch_size, run.client_sample_ratio, run.sync_every,
             run.num_rounds) == (clients,) + AUTO_ADJUST_TABLE[clients]
+    assert (run.seed, run.optim.client_schedule) == (1234, 'per_client_step')
 
 
 def test_a_frozen_config_resolves():
