@@ -295,14 +295,15 @@ def test_each_client_needs_its_own_batch_of_data():
     config_checks.validate(config, samples_per_client=[8, 8] + [2] * 7 + [1])
 
 
-def test_hetero_run_completes(tmp_path, monkeypatch):
+@pytest.mark.parametrize('feature_sharing, queue_size', [(True, 128), (False, 160)])
+def test_hetero_run_completes(tmp_path, monkeypatch, feature_sharing, queue_size):
   built = {}
   for module, name in ((step_lib, 'make_train_step'), (rounds, 'make_round')):
     def record(*args, _make=getattr(module, name), _name=name, **kwargs):
       built[_name] = kwargs
       return _make(*args, **kwargs)
     monkeypatch.setattr(module, name, record)
-  config = hetero_config(moco__queue_size=128)
+  config = hetero_config(moco__queue_size=queue_size, moco__feature_sharing=feature_sharing)
   config.data.source = config.data.name = 'digits'
   config.num_rounds = 2
   config.steps_per_round = 2   # compiling dominates; test_steps_per_round_... covers the rule
@@ -316,6 +317,8 @@ def test_hetero_run_completes(tmp_path, monkeypatch):
   # The engine got the partition's multipliers, and a server batch for all
   # 10 clients' rows: 2 x 8 + 8 x 2.
   np.testing.assert_array_equal(built['make_round']['batch_multiplier'], [4, 4] + [1] * 8)
+  # Two steps take at most one whole batch from every client's data.
+  assert built['make_round']['passes'] == 1
   assert built['make_train_step']['server_batch'] == 32
   assert np.isfinite(summary['final_knn_accuracy'])
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
