@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
 
   c.moco = ml_collections.ConfigDict()
-  c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2 (loss always symmetric, README)
+  c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2
+  c.moco.loss = 'auto'         # auto (asymmetric for V1, else symmetric) | symmetric | asymmetric
   c.moco.augmentation = 'auto'  # auto (mocov1 for V1, else mocov2) | mocov1 | mocov2
   c.moco.crop_scale_min = 0.08  # smallest crop area fraction (reference 0.08; larger for tiny images)
   c.moco.queue_size = 6000     # K keys shared by all clients (K // N per client without sharing)
@@ -64,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.client_lr = -1.0     # client learning rate; negative = same as lr
   c.optim.momentum = 0.9       # SGD momentum, server and clients
   c.optim.weight_decay = 5e-4  # coupled (PyTorch) weight decay on every parameter
+  c.optim.schedule = 'auto'    # auto (multistep for V1, else cosine) | cosine | multistep
   c.optim.client_schedule = 'per_round'  # per_round (the server's per-epoch cosine) | per_client_step
                                         # (the reference's: its cosine stepped per client step)
 

@@ -17,7 +17,7 @@ import numpy as np
 from mocosfl_jax import config as config_lib
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.models import heads, resnet
-from mocosfl_jax.sfl import rounds
+from mocosfl_jax.sfl import moco, optim, rounds
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,8 @@ ENUMS = {
     'model.client_impl': ('auto', 'vmap', 'map', 'matmul'),
     'moco.version': tuple(heads.HEADS),
     'moco.augmentation': ('auto',) + augment.VERSIONS,
+    'moco.loss': moco.LOSSES,
+    'optim.schedule': optim.SCHEDULES,
     'optim.client_schedule': ('per_client_step', 'per_round'),
     'fedavg.weighting': ('uniform', 'data_size'),
 }
@@ -156,27 +158,28 @@ def _check_values(c: dict[str, Any]) -> None:
   except sources.DataError as e:
     raise ConfigError(str(e)) from None
 
-  # Every step writes 2 keys per valid row into the ring buffer; more keys than
-  # rows would overwrite rows written in the same step.
+  # Every step writes 2 keys per valid row (1 with the asymmetric loss) into
+  # the ring buffer; more keys than rows would overwrite rows written in the same step.
   pool = max(int(c['client_sample_ratio'] * c['num_clients']), 1)
   batch = c['batch_size']
   batches = _client_batches(c)
+  k = 2 if moco.is_symmetric(c['moco.loss'], c['moco.version']) else 1
   if c['moco.feature_sharing']:
-    need = 2 * rounds.most_rows(batches, pool)
+    need = k * rounds.most_rows(batches, pool)
     if batches.max() == batches.min():
-      what = f'2 x pool {pool} x batch_size {batch} = {need} keys: raise it or lower batch_size'
+      what = f'{k} x pool {pool} x batch_size {batch} = {need} keys: raise it or lower batch_size'
     else:
-      what = (f'up to {need} keys (2 x the batches of the pool\'s {pool} clients with the '
+      what = (f'up to {need} keys ({k} x the batches of the pool\'s {pool} clients with the '
               'largest ones, data.hetero counted): raise it or lower batch_size')
     _rule('moco.queue_size', c['moco.queue_size'], c['moco.queue_size'] >= need,
           f'the shared queue must hold a step\'s {what}')
   else:
     per_client = c['moco.queue_size'] // c['num_clients']
     largest = int(batches.max())
-    _rule('moco.queue_size', c['moco.queue_size'], per_client >= 2 * largest,
+    _rule('moco.queue_size', c['moco.queue_size'], per_client >= k * largest,
           f'without feature sharing each of {c["num_clients"]} clients gets {per_client} keys '
-          f'but a step writes 2 x its batch, up to 2 x {largest} = {2 * largest}: use at least '
-          f'{2 * largest * c["num_clients"]}')
+          f'but a step writes {k} x its batch, up to {k} x {largest} = {k * largest}: use at '
+          f'least {k * largest * c["num_clients"]}')
 
 
 def _client_batches(c: dict[str, Any]) -> np.ndarray:

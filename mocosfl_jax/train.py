@@ -121,13 +121,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   client_net, server_net = split.build(c, as_matmul=client_impl == 'matmul')
   server_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
   client_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
-  server_lr = optim.cosine_per_epoch(c.optim.lr, c.num_rounds)
   client_base = c.optim.lr if c.optim.client_lr < 0 else c.optim.client_lr
-  if c.optim.client_schedule == 'per_client_step':
+  if optim.schedule_kind(c.optim.schedule, c.moco.version) == 'multistep':
+    server_lr = optim.multistep(c.optim.lr, c.num_rounds, 0.1)
+    client_schedule = optim.multistep(client_base, c.num_rounds, 0.2)
+    per_step = per_round = client_schedule
+  else:
+    server_lr = optim.cosine_per_epoch(c.optim.lr, c.num_rounds)
     per_step = optim.reference_client_cosine(client_base, c.num_rounds)
+    per_round = optim.cosine_per_epoch(client_base, c.num_rounds)
+  if c.optim.client_schedule == 'per_client_step':
     client_lr = lambda steps, rnd: per_step(steps)
   else:
-    per_round = optim.cosine_per_epoch(client_base, c.num_rounds)
     client_lr = lambda steps, rnd: jnp.broadcast_to(per_round(rnd), steps.shape)
 
   mean, std = sources.normalization(c.data.name)
@@ -141,7 +146,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       temperature=c.moco.temperature, ema_decay=c.moco.ema_decay,
       client_impl='map' if client_impl == 'map' else 'vmap',
       server_lr=server_lr, client_lr=client_lr,
-      server_batch=rounds.most_rows(c.batch_size * part.batch_multiplier, pool))
+      server_batch=rounds.most_rows(c.batch_size * part.batch_multiplier, pool),
+      symmetric=moco.is_symmetric(c.moco.loss, c.moco.version))
   run_round = rounds.make_round(
       train_step, num_clients=c.num_clients, pool_size=pool, steps=steps,
       batch_size=c.batch_size, sync_every=c.sync_every, average_ema=c.fedavg.average_ema,
@@ -325,7 +331,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   test_images = jnp.asarray(exp.test.images)
   info = describe(exp, state)
   log.info('MocoSFL run: %s', json.dumps(info))
-  collapse = moco.collapse_value(c.moco.queue_size)
+  symmetric = moco.is_symmetric(c.moco.loss, c.moco.version)
+  collapse = moco.collapse_value(c.moco.queue_size, symmetric)
   # The reference selects among trained models (rounds >= 1) only.
   best_meta = best.meta(c)
   best_knn = max([a for r, a in knn_history if r > 0]
@@ -370,7 +377,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             + (f'the checkpoint of round {last_saved} is kept' if last_saved
                else 'no checkpoint was saved'))
       if abs(record['loss'] - collapse) < 0.01 * collapse:
-        log.warning('round %d: loss %.3f is at the collapse value 2 ln(K+1) = %.2f',
+        log.warning('round %d: loss %.3f is at the collapse value (ln(K+1) a term) %.2f',
                     rounds_done, record['loss'], collapse)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
         model = final.eval_model(state)

@@ -109,6 +109,16 @@ def test_validation_judges_the_values_auto_adjust_derives():
   rejects(config, 'moco.queue_size')
 
 
+def test_asymmetric_loss_halves_the_queue_a_step_needs():
+  # 100 clients x batch 1: the symmetric loss writes 200 keys a step, V1's 100.
+  rejects(with_fields(moco__queue_size=199), 'moco.queue_size')
+  config_checks.validate(with_fields(moco__queue_size=100, moco__version='V1'))
+  message = rejects(with_fields(moco__queue_size=99, moco__version='V1'), 'moco.queue_size')
+  assert '1 x pool 100 x batch_size 1 = 100 keys' in message
+  rejects(with_fields(moco__queue_size=100, moco__version='V1', moco__loss='symmetric'),
+          'moco.queue_size')
+
+
 def test_auto_adjust_refuses_a_dataset_it_has_no_schedule_for():
   message = rejects(with_fields(auto_adjust=True), 'auto_adjust')
   assert "data.name='digits'" in message and '--config.auto_adjust=False' in message
@@ -150,6 +160,8 @@ def test_auto_adjust_refuses_a_dataset_it_has_no_schedule_for():
     ('optim.momentum', 1.0),
     ('optim.weight_decay', -1e-4),
     ('optim.client_schedule', 'per_step'),
+    ('optim.schedule', 'step'),
+    ('moco.loss', 'sym'),
     ('fedavg.weighting', 'by_size'),
     ('eval.every', 0),
     ('eval.knn_k', 0),

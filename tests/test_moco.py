@@ -27,6 +27,24 @@ def test_per_client_queues_receive_only_their_own_keys():
   np.testing.assert_array_equal(queue.ptr, [0, 0])
 
 
+def test_asymmetric_loss_enqueues_the_key_views_keys_only():
+  shared = moco.enqueue(moco.Queue(jnp.zeros((5, 1)), jnp.array(4, jnp.int32)), None,
+                        jnp.array([[3.], [4.]]), num_clients=2)
+  np.testing.assert_array_equal(shared.keys[:, 0], [4, 0, 0, 0, 3])
+  assert int(shared.ptr) == 1
+  per_client = moco.Queue(jnp.zeros((2, 3, 1)), jnp.zeros((2,), jnp.int32))
+  per_client = moco.enqueue(per_client, None, jnp.array([[12.], [13], [22], [23]]), num_clients=2)
+  np.testing.assert_array_equal(per_client.keys[:, :, 0], [[12, 13, 0], [22, 23, 0]])
+  np.testing.assert_array_equal(per_client.ptr, [2, 2])
+
+
+def test_reference_loss_choice_and_collapse_value():
+  assert not moco.is_symmetric('auto', 'V1') and moco.is_symmetric('auto', 'V2')
+  assert moco.is_symmetric('symmetric', 'V1') and not moco.is_symmetric('asymmetric', 'V2')
+  np.testing.assert_allclose(moco.collapse_value(6000), 17.40, atol=0.005)
+  np.testing.assert_allclose(moco.collapse_value(6000, symmetric=False), 8.70, atol=0.005)
+
+
 def test_info_nce_matches_cross_entropy_by_hand():
   key = jax.random.key(1)
   q = moco.l2_normalize(jax.random.normal(key, (4, 3)))

@@ -26,13 +26,14 @@ def build(cut_layer, impl):
   return client, server
 
 
-def make_engine(client, server, impl):
+def make_engine(client, server, impl, symmetric=True):
   tx = optim.sgd(MOMENTUM, WD)
   train_step = step_lib.make_train_step(
       client, server, tx, tx, fixed_views, temperature=T, ema_decay=TAU,
       client_impl='map' if impl == 'map' else 'vmap',
       server_lr=optim.cosine_per_epoch(LR, ROUNDS),
-      client_lr=lambda steps, rnd: optim.reference_client_cosine(LR, ROUNDS)(steps))
+      client_lr=lambda steps, rnd: optim.reference_client_cosine(LR, ROUNDS)(steps),
+      symmetric=symmetric)
   return tx, jax.jit(train_step)
 
 
@@ -45,11 +46,13 @@ def assert_close(a, b, what):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-9, atol=1e-11, err_msg=what)
 
 
-@pytest.mark.parametrize('cut_layer,impl', [(1, 'vmap'), (1, 'map'), (2, 'matmul'), (2, 'map')])
-def test_vmapped_step_equals_per_client_loop(cut_layer, impl):
+@pytest.mark.parametrize('cut_layer,impl,symmetric', [
+    (1, 'vmap', True), (1, 'map', True), (2, 'matmul', True), (2, 'map', True),
+    (1, 'vmap', False)])
+def test_vmapped_step_equals_per_client_loop(cut_layer, impl, symmetric):
   with jax.enable_x64(True):
     client, server = build(cut_layer, impl)
-    tx, train_step = make_engine(client, server, impl)
+    tx, train_step = make_engine(client, server, impl, symmetric)
     state = state_lib.init_state(jax.random.key(0), client, server, tx, tx,
                                  num_clients=N_POOL, image_size=SIZE, queue_size=QUEUE,
                                  feature_sharing=True)
@@ -80,7 +83,7 @@ def test_vmapped_step_equals_per_client_loop(cut_layer, impl):
           bufs=twin['bufs'], client_steps=twin['client_steps'], server=twin['server'],
           server_ema=twin['server_ema'], server_buf=twin['server_buf'], queue=twin['queue'],
           ptr=twin['ptr'], round_index=2, num_rounds=ROUNDS, lr=LR, momentum=MOMENTUM,
-          weight_decay=WD, temperature=T, tau=TAU)
+          weight_decay=WD, temperature=T, tau=TAU, symmetric=symmetric)
       twin.update(twin_out)
 
       np.testing.assert_allclose(float(metrics['loss']), twin['loss'], rtol=1e-10)
@@ -94,7 +97,8 @@ def test_vmapped_step_equals_per_client_loop(cut_layer, impl):
       assert_close(state.server_ema['params'], twin['server_ema'], 'server EMA params')
       np.testing.assert_allclose(np.asarray(state.queue.keys), twin['queue'], rtol=1e-10)
       assert int(state.queue.ptr) == twin['ptr']
-    assert twin['ptr'] == (2 * 2 * N_POOL * BATCH) % QUEUE  # wrapped around once
+    keys_per_step = (2 if symmetric else 1) * N_POOL * BATCH
+    assert twin['ptr'] == (2 * keys_per_step) % QUEUE  # symmetric: wrapped around once
     np.testing.assert_array_equal(state.clients.steps, twin['client_steps'])
 
 

@@ -72,9 +72,12 @@ def client_grads(client_net, params, x, cotangent):
   return vjp(cotangent)[0]
 
 
-@quick_jit(static_argnames=('server_net', 'rows', 'temperature'))
-def server_loss_and_grads(server_net, params, a_q, a_k, k1, k2, queue, *, rows, temperature):
-  """((loss, term-2 logits), (d loss / d params, d loss / d a_q)) of the symmetric loss.
+@quick_jit(static_argnames=('server_net', 'rows', 'temperature', 'symmetric'))
+def server_loss_and_grads(server_net, params, a_q, a_k, k1, k2, queue, *, rows, temperature,
+                          symmetric):
+  """((loss, last term's logits), (d loss / d params, d loss / d a_q)).
+
+  The symmetric loss, or term 1 alone (``symmetric=False``).
 
   ``queue``: shared (K, D), or per client (n, Kc, D) with ``rows`` the
   (start, stop) of each client's rows.
@@ -90,7 +93,9 @@ def server_loss_and_grads(server_net, params, a_q, a_k, k1, k2, queue, *, rows, 
 
   def loss_fn(params, a_q):
     apply_s = lambda x: server_net.apply({'params': params}, x)
-    l12, _ = cross_entropy(normalize_rows(apply_s(a_q)), k2)
+    l12, logits = cross_entropy(normalize_rows(apply_s(a_q)), k2)
+    if not symmetric:
+      return l12, logits
     l21, logits = cross_entropy(normalize_rows(apply_s(a_k)), k1)
     return l12 + l21, logits
 
@@ -99,7 +104,7 @@ def server_loss_and_grads(server_net, params, a_q, a_k, k1, k2, queue, *, rows, 
 
 def twin_step(client_net, server_net, views, *, online, ema, bufs, client_steps,
               server, server_ema, server_buf, queue, ptr, round_index, num_rounds,
-              lr, momentum, weight_decay, temperature, tau):
+              lr, momentum, weight_decay, temperature, tau, symmetric=True):
   """One MocoSFL step for a pool of clients, one client at a time.
 
   ``online``, ``ema``, ``bufs`` are lists (one pytree per pool client); ``views``
@@ -123,19 +128,20 @@ def twin_step(client_net, server_net, views, *, online, ema, bufs, client_steps,
   k1 = normalize_rows(apply(server_net, server_ema, a_q))
   (loss, logits), (g_server, g_smashed) = server_loss_and_grads(
       server_net, server, a_q, a_k, k1, k2, jnp.asarray(queue), rows=rows,
-      temperature=temperature)
+      temperature=temperature, symmetric=symmetric)
   accuracy = jnp.mean(jnp.argmax(logits, 1) == 0)
 
   queue = np.array(queue)
-  k1, k2 = np.asarray(k1), np.asarray(k2)
+  # The asymmetric loss enqueues the key view's keys only.
+  blocks = [np.asarray(k1), np.asarray(k2)] if symmetric else [np.asarray(k2)]
   if queue.ndim == 3:
     ptr = list(ptr)
     for j, (a, b) in enumerate(rows):
-      for key in np.concatenate([k1[a:b], k2[a:b]]):
+      for key in np.concatenate([k[a:b] for k in blocks]):
         queue[j, ptr[j]] = key
         ptr[j] = (ptr[j] + 1) % queue.shape[1]
   else:
-    for key in np.concatenate([k1, k2]):
+    for key in np.concatenate(blocks):
       queue[ptr] = key
       ptr = (ptr + 1) % len(queue)
 

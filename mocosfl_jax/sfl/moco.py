@@ -49,25 +49,27 @@ def _ring_write(keys: jax.Array, ptr: jax.Array, new: jax.Array, valid: jax.Arra
           (ptr + written) % keys.shape[0])
 
 
-def enqueue(queue: Queue, k1: jax.Array, k2: jax.Array, num_clients: int,
+def enqueue(queue: Queue, k1: jax.Array | None, k2: jax.Array, num_clients: int,
             valid: jax.Array | None = None) -> Queue:
-  """Writes the step's 2nB keys, overwriting the oldest and wrapping around.
+  """Writes the step's keys (2nB, or nB without ``k1``), overwriting the oldest and wrapping around.
 
   Shared queue: the reference's order, ``[k1; k2]``. Per-client queues: each
-  client's own rows of k1 then k2 go to its own queue. ``valid`` (nB,) marks
+  client's own rows of k1 then k2 go to its own queue. ``k1`` is None for the
+  asymmetric loss, which only has the key view's keys. ``valid`` (nB,) marks
   the rows that hold keys (ragged batches); the others are not written and do
   not advance the pointer.
   """
+  blocks = [k for k in (k1, k2) if k is not None]
   if not queue.per_client:
-    both = None if valid is None else jnp.concatenate([valid, valid])
-    return Queue(*_ring_write(queue.keys, queue.ptr, jnp.concatenate([k1, k2]), both))
+    marks = None if valid is None else jnp.concatenate([valid] * len(blocks))
+    return Queue(*_ring_write(queue.keys, queue.ptr, jnp.concatenate(blocks), marks))
   per = lambda k: k.reshape((num_clients, -1) + k.shape[1:])
-  mine = jnp.concatenate([per(k1), per(k2)], axis=1)
+  mine = jnp.concatenate([per(k) for k in blocks], axis=1)
   if valid is None:
     return Queue(*jax.vmap(lambda k, p, m: _ring_write(k, p, m, None))(
         queue.keys, queue.ptr, mine))
-  both = jnp.concatenate([per(valid), per(valid)], axis=1)
-  return Queue(*jax.vmap(_ring_write)(queue.keys, queue.ptr, mine, both))
+  marks = jnp.concatenate([per(valid)] * len(blocks), axis=1)
+  return Queue(*jax.vmap(_ring_write)(queue.keys, queue.ptr, mine, marks))
 
 
 def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: float,
@@ -98,6 +100,16 @@ def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: flo
           jnp.sum(valid & correct) / count)
 
 
-def collapse_value(queue_size: int) -> float:
-  """The symmetric loss of a collapsed representation: 2 ln(K + 1) (17.40 for K = 6000)."""
-  return float(2.0 * jnp.log(queue_size + 1.0))
+def collapse_value(queue_size: int, symmetric: bool = True) -> float:
+  """The loss of a collapsed representation: ln(K + 1) a term (2 terms: 17.40 for K = 6000)."""
+  return float((2.0 if symmetric else 1.0) * jnp.log(queue_size + 1.0))
+
+
+LOSSES = ('auto', 'symmetric', 'asymmetric')
+
+
+def is_symmetric(loss: str, moco_version: str) -> bool:
+  """``moco.loss`` resolved: 'auto' is the reference's choice, asymmetric for V1 only (spec 1.6)."""
+  if loss == 'auto':
+    return moco_version != 'V1'
+  return loss == 'symmetric'

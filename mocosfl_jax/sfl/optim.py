@@ -31,6 +31,29 @@ def cosine_per_epoch(base_lr: float, num_epochs: int):
   return optax.cosine_decay_schedule(base_lr, decay_steps=max(num_epochs, 1))
 
 
+SCHEDULES = ('auto', 'cosine', 'multistep')
+
+
+def schedule_kind(schedule: str, moco_version: str) -> str:
+  """``optim.schedule`` resolved: 'auto' is the reference's choice, multi-step for V1 (spec 1.6)."""
+  if schedule == 'auto':
+    return 'multistep' if moco_version == 'V1' else 'cosine'
+  return schedule
+
+
+def multistep(base_lr: float, num_epochs: int, gamma: float):
+  """PyTorch's MultiStepLR at 60% and 80% of ``num_epochs``: base x gamma^(milestones passed).
+
+  The reference's V1 schedule (spec 4.6): gamma 0.1 for the server, per
+  epoch; 0.2 for the clients, whose scheduler counts their own steps against
+  the same epoch milestones.
+  """
+  scales = {}
+  for milestone in (int(0.6 * num_epochs), int(0.8 * num_epochs)):
+    scales[milestone] = scales.get(milestone, 1.0) * gamma
+  return optax.piecewise_constant_schedule(base_lr, scales)
+
+
 def reference_client_cosine(base_lr: float, num_epochs: int):
   """The reference's client schedule: a per-epoch cosine stepped after every client step.
 

@@ -64,7 +64,7 @@ def server_apply(server_net, variables, x, mask=None):
 def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
                     temperature: float, ema_decay: float, client_impl: str,
                     server_lr: Callable, client_lr: Callable,
-                    server_batch: int | None = None):
+                    server_batch: int | None = None, symmetric: bool = True):
   """Builds ``train_step(state, images, key, batch_sizes=None) -> (state, metrics)``.
 
   ``state`` is a SimState whose per-client fields hold the pool's rows only;
@@ -76,6 +76,10 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
   server forwards ``server_batch`` rows, which must be at least the most valid
   rows a step can have (all n * B when None). Without ``batch_sizes`` the step
   has no masks at all.
+
+  ``symmetric=False`` is the loss the reference uses with the V1 head (spec
+  1.6 names the switch, not its details; this is plain MoCo's): term 1 only,
+  whose accuracy is logged, and only the key view's nB keys enqueued.
   """
   clients_forward = batched_client_apply(client_net, client_impl)
 
@@ -110,15 +114,22 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
     server_ema = {**state.server_ema, 'params': optax.incremental_update(
         state.server['params'], state.server_ema['params'], 1.0 - ema_decay)}
     k2, server_ema = forward(server_ema, a_k)
-    k1, server_ema = forward(server_ema, lax.stop_gradient(a_q))
-    k1, k2 = moco.l2_normalize(k1), moco.l2_normalize(k2)
+    k2 = moco.l2_normalize(k2)
+    if symmetric:
+      k1, server_ema = forward(server_ema, lax.stop_gradient(a_q))
+      k1 = moco.l2_normalize(k1)
+    else:
+      k1 = None
 
     def loss_fn(params, a_q):
       # Term 2 feeds the client-EMA smashed data to the online server, so the
       # clients get gradient from term 1 only (spec 9.9). A sum of two means.
       variables = {**state.server, 'params': params}
       q1, variables = forward(variables, a_q)
-      loss12, _ = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys, temperature, valid)
+      loss12, accuracy12 = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys,
+                                         temperature, valid)
+      if not symmetric:
+        return loss12, (accuracy12, variables)
       q2, variables = forward(variables, a_k)
       loss21, accuracy = moco.info_nce(moco.l2_normalize(q2), k1, state.queue.keys, temperature,
                                        valid)
