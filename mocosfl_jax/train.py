@@ -124,8 +124,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   client_base = c.optim.lr if c.optim.client_lr < 0 else c.optim.client_lr
   if optim.schedule_kind(c.optim.schedule, c.moco.version) == 'multistep':
     server_lr = optim.multistep(c.optim.lr, c.num_rounds, 0.1)
-    client_schedule = optim.multistep(client_base, c.num_rounds, 0.2)
-    per_step = per_round = client_schedule
+    per_step = per_round = optim.multistep(client_base, c.num_rounds, 0.2)
   else:
     server_lr = optim.cosine_per_epoch(c.optim.lr, c.num_rounds)
     per_step = optim.reference_client_cosine(client_base, c.num_rounds)

@@ -123,7 +123,7 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
 
     def loss_fn(params, a_q):
       # Term 2 feeds the client-EMA smashed data to the online server, so the
-      # clients get gradient from term 1 only (spec 9.9). A sum of two means.
+      # clients get gradient from term 1 only (spec 9.9). Symmetric: a sum of two means.
       variables = {**state.server, 'params': params}
       q1, variables = forward(variables, a_q)
       loss12, accuracy12 = moco.info_nce(moco.l2_normalize(q1), k2, state.queue.keys,
