@@ -95,8 +95,9 @@ def steps_per_round(config, counts: np.ndarray, batch_multiplier: np.ndarray) ->
   Client i passes over its data in counts[i] / (batch_size * batch_multiplier[i])
   steps; a round takes the mean over clients, as floor(mean(counts /
   batch_multiplier)) // batch_size, which without data.hetero is an average
-  client's samples // batch_size. Clients with longer passes stop early, and
-  shorter ones go on with a fresh shuffle (rounds.sample_batches).
+  client's samples // batch_size. A client's walk through its data goes on
+  across passes and rounds (rounds.sample_batches), so clients with longer
+  passes go on where they stopped the next time they are sampled.
   """
   return config.steps_per_round or max(
       int(np.mean(counts / batch_multiplier)) // config.batch_size, 1)

@@ -44,7 +44,7 @@ def run(average_ema=False, weighting='uniform', sync_every=2):
   key = jax.random.key(0)
   state = make_state()
   new_state, metrics = run_round(state, make_data(), key)
-  pool = np.asarray(rounds.sample_pool(jax.random.split(jax.random.fold_in(key, 0), 3)[0], N, POOL))
+  pool = np.asarray(rounds.sample_pool(rounds.round_keys(key, 0)[1], N, POOL))
   return state, new_state, metrics, pool
 
 
@@ -133,7 +133,10 @@ def test_short_client_takes_whole_batches_of_fresh_shuffles():
   assert rounds.passes_needed([5, 8], [2, 2], 6) == 3
   orders = set()
   for seed in range(4):
-    ids = np.asarray(rounds.sample_batches(jax.random.key(seed), table, counts, 6, 2, passes=3))
+    sample = lambda passes: np.asarray(rounds.sample_batches(
+        jax.random.key(seed), jnp.arange(2), table, counts, jnp.zeros(2, jnp.int32), 6, 2,
+        passes=passes))
+    ids = sample(3)
     assert ids.shape == (6, 2, 2)
     for first in (0, 2, 4):
       one_pass = ids[first:first + 2, 0].ravel()
@@ -141,16 +144,53 @@ def test_short_client_takes_whole_batches_of_fresh_shuffles():
       orders.add(tuple(one_pass))
     assert sorted(ids[:4, 1].ravel().tolist()) == list(range(10, 18))
     # The default bound (one pass per step) draws the same batches.
-    np.testing.assert_array_equal(
-        ids, rounds.sample_batches(jax.random.key(seed), table, counts, 6, 2))
+    np.testing.assert_array_equal(ids, sample(None))
   assert len(orders) > 4  # passes are shuffled afresh
 
 
-def test_one_pass_round_does_not_depend_on_the_bound():
+@pytest.mark.parametrize('count,steps', [(8, 3), (7, 3), (5, 2), (6, 3), (9, 4)])
+def test_a_client_goes_on_where_its_last_round_stopped(count, steps):
+  # Three rounds of `steps` batches of 2 are the first 3 * steps batches of
+  # one walk: the position carries over, within a pass and across passes.
+  table = jnp.where(jnp.arange(9) < count, jnp.arange(9), -1)[None]
+  counts = jnp.array([count])
+  passes = rounds.passes_needed([count], [2], steps)
+  walk = lambda first, length, bound: np.asarray(rounds.sample_batches(
+      jax.random.key(5), jnp.array([3]), table, counts, jnp.array([first]), length, 2,
+      passes=bound))
+  whole = walk(0, 3 * steps, None)
+  rounds_ = np.concatenate([walk(r * steps, steps, passes) for r in range(3)])
+  np.testing.assert_array_equal(rounds_, whole)
+  per_pass = count // 2
+  for p in range(3 * steps // per_pass):  # each complete pass: distinct samples
+    one_pass = whole[p * per_pass:(p + 1) * per_pass].ravel()
+    assert len(set(one_pass.tolist())) == 2 * per_pass
+
+
+def test_data_order_follows_the_client_not_its_pool_position():
   table = jnp.arange(24, dtype=jnp.int32).reshape(3, 8)
   counts = jnp.array([8, 6, 7])
-  one = rounds.sample_batches(jax.random.key(1), table, counts, 3, 2, passes=1)
-  np.testing.assert_array_equal(one, rounds.sample_batches(jax.random.key(1), table, counts, 3, 2))
+  taken = jnp.array([0, 5, 9])
+  ids = rounds.sample_batches(jax.random.key(1), jnp.array([4, 0, 2]), table, counts, taken, 3, 2)
+  swapped = rounds.sample_batches(jax.random.key(1), jnp.array([2, 0, 4]), table[::-1],
+                                  counts[::-1], taken[::-1], 3, 2)
+  np.testing.assert_array_equal(ids, swapped[:, ::-1])
+  other = rounds.sample_batches(jax.random.key(1), jnp.array([5, 0, 2]), table, counts, taken, 3, 2)
+  assert not np.array_equal(ids[:, 0], other[:, 0])
+
+
+def test_rounds_carry_each_clients_position():
+  # Every client holds 10 samples, 5 batches of 2, and a round takes 3 steps:
+  # the pool (everyone) sees 6 of 10 samples in round 1, the other 4 and the
+  # start of a fresh shuffle in round 2.
+  run_round = rounds.make_round(fake_step, num_clients=N, pool_size=N, steps=3, batch_size=2,
+                                sync_every=3, passes=rounds.passes_needed([10] * N, [2] * N, 3))
+  state, first = run_round(make_state(), make_data(), jax.random.key(0))
+  _, second = run_round(state, make_data(), jax.random.key(0))
+  walk = np.concatenate([np.asarray(first['ids']), np.asarray(second['ids'])])  # (6, N, 2)
+  for client in range(N):
+    one_pass = walk[:5, client].ravel().tolist()
+    assert sorted(one_pass) == list(range(10 * client, 10 * client + 10))
 
 
 def test_stepwise_round_equals_one_program_round():

@@ -1,7 +1,8 @@
 """A round: sample the pool, gather its rows, scan the steps with FedAvg, scatter back.
 
 A round is the reference's epoch: the pool is drawn once, every pool client
-walks through fresh shuffles of its own data in whole batches, and the online
+takes its next batches from an endless walk through shuffles of its own data
+(continued across rounds), and the online
 client models are averaged over the pool every ``sync_every`` steps and after
 the last step, then broadcast to all clients (spec 4.2, 4.7, 9.21). The whole
 round is one compiled program; the host passes only the state, the data
@@ -37,44 +38,63 @@ def sample_pool(key: jax.Array, num_clients: int, pool_size: int) -> jax.Array:
   return jax.random.choice(key, num_clients, (pool_size,), replace=False)
 
 
-def sample_batches(key: jax.Array, table: jax.Array, counts: jax.Array,
-                   steps: int, batch_size: int, batch_sizes: jax.Array | None = None,
-                   passes: int | None = None) -> jax.Array:
-  """(steps, n, B) sample ids: each client walks through fresh random orders of its own data.
+def round_keys(key: jax.Array, round_index) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A round's (data order, pool, steps) keys from the run's key.
 
-  As the reference's per-client loaders do (spec 2.3 item 5), a pass over a
-  client's data yields whole batches only (``count // size`` of them; the
-  shuffle's remainder is skipped) and the next pass is a fresh shuffle.
-  ``passes`` bounds the shuffles a client may need in ``steps`` steps
-  (default ``steps``, always enough since every client holds at least one
-  batch; :func:`passes_needed` gives the exact number). ``batch_sizes`` (n,)
-  gives each client its own batch (ragged batches, at most ``batch_size``):
-  client j's step takes ``batch_sizes[j]`` samples into its first rows, and its
-  remaining rows repeat samples that the step then ignores.
+  The data-order key is the same every round, so that a client's walk through
+  its data goes on where its last round left it.
+  """
+  k_order, key = jax.random.split(key)
+  k_pool, k_steps = jax.random.split(jax.random.fold_in(key, round_index))
+  return k_order, k_pool, k_steps
+
+
+def sample_batches(key: jax.Array, clients: jax.Array, table: jax.Array, counts: jax.Array,
+                   taken: jax.Array, steps: int, batch_size: int,
+                   batch_sizes: jax.Array | None = None, passes: int | None = None) -> jax.Array:
+  """(steps, n, B) sample ids: the next ``steps`` batches of each client's endless walk.
+
+  As the reference's per-client loaders do (spec 2.3 item 5), a client walks
+  through its own data in whole batches (``count // size`` a pass; the
+  shuffle's remainder is skipped), starts a fresh shuffle when a pass runs out,
+  and goes on where it stopped the next time it is sampled. Client
+  ``clients[j]`` has taken ``taken[j]`` batches so far; its pass ``p`` is
+  shuffled with ``fold_in(fold_in(key, clients[j]), p)``, so ``key`` must stay
+  the same for the whole run. ``passes`` bounds the shuffles one call may
+  touch (default ``steps``, always enough; :func:`passes_needed` gives the
+  exact number). ``batch_sizes`` (n,) gives each client its own batch (ragged
+  batches, at most ``batch_size``): client j's step takes ``batch_sizes[j]``
+  samples into its first rows, and its remaining rows repeat samples that the
+  step then ignores.
   """
   if batch_sizes is None:
     batch_sizes = jnp.full(table.shape[0], batch_size)
   passes = steps if passes is None else passes
 
-  def one_client(key, row, count, size):
-    # Pass 0 draws from ``key`` itself, so a round that needs one pass does not
-    # depend on ``passes``.
-    later = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), row.shape))
-    noise = jnp.concatenate([jax.random.uniform(key, row.shape)[None],
-                             later(jnp.arange(1, passes))])
-    orders = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0), axis=1)
+  def one_client(client, row, count, size, first):
     per_pass = jnp.maximum(count // size, 1)
-    step = jnp.arange(steps)[:, None]
-    within = (step % per_pass) * size + jnp.arange(batch_size)
-    return row[orders[jnp.minimum(step // per_pass, passes - 1), within % jnp.maximum(count, 1)]]
-  ids = jax.vmap(one_client)(jax.random.split(key, table.shape[0]), table, counts, batch_sizes)
+    first_pass = first // per_pass
+    client_key = jax.random.fold_in(key, client)
+    noise = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(client_key, p), row.shape))(
+        first_pass + jnp.arange(passes))
+    orders = jnp.argsort(jnp.where(jnp.arange(row.shape[0]) < count, noise, 2.0), axis=1)
+    batch = first + jnp.arange(steps)[:, None]
+    which = jnp.minimum(batch // per_pass - first_pass, passes - 1)
+    within = (batch % per_pass) * size + jnp.arange(batch_size)
+    return row[orders[which, within % jnp.maximum(count, 1)]]
+  ids = jax.vmap(one_client)(clients, table, counts, batch_sizes, taken)
   return ids.transpose(1, 0, 2)
 
 
 def passes_needed(counts: Sequence[int], batch_sizes: Sequence[int], steps: int) -> int:
-  """The most passes over its data (fresh shuffles) any client needs in ``steps`` steps."""
+  """The most shuffles any client's ``steps`` consecutive batches can touch.
+
+  A client whose pass length divides ``steps`` always starts a round at the
+  start of a pass; any other may start anywhere in one.
+  """
   per_pass = np.maximum(np.asarray(counts) // np.asarray(batch_sizes), 1)
-  return int(np.max(-(-steps // per_pass)))
+  aligned = steps % per_pass == 0
+  return int(np.max(np.where(aligned, steps // per_pass, (per_pass + steps - 2) // per_pass + 1)))
 
 
 def most_rows(batch_sizes: Sequence[int], pool_size: int) -> int:
@@ -109,10 +129,12 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   is told each one's own batch (``train_step(state, images, key, batch_sizes)``,
   see sfl/step.py); equal batches make the plain ``train_step(state, images, key)``.
 
-  ``passes`` bounds the shuffles of its data a client may need in a round
+  ``passes`` bounds the shuffles of its data a client's round may touch
   (:func:`sample_batches`); a client that needs more reuses the last one.
   ``None`` means one per step, always enough but a shuffle of every client's
-  data per step: pass :func:`passes_needed` of the partition, as train.build does.
+  data per step: pass :func:`passes_needed` of the partition, as train.build
+  does. A client's position in its data is its step count, ``clients.steps``,
+  so ``train_step`` must add one to it for every pool client.
 
   ``one_program=True`` scans the steps inside a single compiled program, so an
   accelerator never waits on the host within a round. ``False`` dispatches one
@@ -134,12 +156,13 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   ragged = int(client_batches.min()) != rows
 
   def begin(state: SimState, data: ClientData, key: jax.Array):
-    key = jax.random.fold_in(key, state.round)
-    k_pool, k_data, k_steps = jax.random.split(key, 3)
+    k_order, k_pool, k_steps = round_keys(key, state.round)
     pool = sample_pool(k_pool, num_clients, pool_size)
     counts = data.counts[pool]
     batch_sizes = jnp.asarray(client_batches)[pool] if ragged else None
-    batches = sample_batches(k_data, data.table[pool], counts, steps, rows, batch_sizes, passes)
+    # Every pool client takes one batch a step, so its step count is its position.
+    batches = sample_batches(k_order, pool, data.table[pool], counts, state.clients.steps[pool],
+                             steps, rows, batch_sizes, passes)
     if weighting == 'data_size':
       weights = counts / jnp.sum(counts)
     else:
