@@ -316,8 +316,8 @@ def test_hetero_run_completes(tmp_path, monkeypatch, feature_sharing, queue_size
   # The engine got the partition's multipliers, and a server batch for all
   # 10 clients' rows: 2 x 8 + 8 x 2.
   np.testing.assert_array_equal(built['make_round']['batch_multiplier'], [4, 4] + [1] * 8)
-  # Every client holds more than two batches, so a round's two steps touch
-  # at most two shuffles (the walk goes on across rounds and may be mid-pass).
+  # The clients' passes are 71 and 17 batches, odd, so the walk (which goes on
+  # across rounds) puts some two-step round across two shuffles.
   assert built['make_round']['passes'] == 2
   assert built['make_train_step']['server_batch'] == 32
   assert np.isfinite(summary['final_knn_accuracy'])

@@ -148,7 +148,7 @@ def test_short_client_takes_whole_batches_of_fresh_shuffles():
   assert len(orders) > 4  # passes are shuffled afresh
 
 
-@pytest.mark.parametrize('count,steps', [(8, 3), (7, 3), (5, 2), (6, 3), (9, 4)])
+@pytest.mark.parametrize('count,steps', [(8, 3), (8, 6), (7, 3), (5, 2), (6, 3), (9, 4)])
 def test_a_client_goes_on_where_its_last_round_stopped(count, steps):
   # Three rounds of `steps` batches of 2 are the first 3 * steps batches of
   # one walk: the position carries over, within a pass and across passes.
@@ -165,6 +165,15 @@ def test_a_client_goes_on_where_its_last_round_stopped(count, steps):
   for p in range(3 * steps // per_pass):  # each complete pass: distinct samples
     one_pass = whole[p * per_pass:(p + 1) * per_pass].ravel()
     assert len(set(one_pass.tolist())) == 2 * per_pass
+
+
+def test_passes_needed_is_the_most_any_round_touches():
+  for per_pass in range(1, 13):
+    for steps in range(1, 21):
+      starts = np.arange(0, per_pass * steps, steps)  # every position a round starts at
+      touched = (starts + steps - 1) // per_pass - starts // per_pass + 1
+      assert rounds.passes_needed([2 * per_pass + 1], [2], steps) == touched.max(), (per_pass,
+                                                                                     steps)
 
 
 def test_data_order_follows_the_client_not_its_pool_position():
@@ -191,6 +200,28 @@ def test_rounds_carry_each_clients_position():
   for client in range(N):
     one_pass = walk[:5, client].ravel().tolist()
     assert sorted(one_pass) == list(range(10 * client, 10 * client + 10))
+
+
+def test_a_client_left_out_of_a_round_keeps_its_place():
+  # Pools of 3 of 6 clients, rounds of 3 steps, 5 batches a pass: the batches
+  # a client gets over the rounds it is drawn into are one unbroken walk.
+  key, rounds_run = jax.random.key(2), 4
+  run_round = rounds.make_round(fake_step, num_clients=N, pool_size=POOL, steps=3, batch_size=2,
+                                sync_every=3, passes=rounds.passes_needed([10] * N, [2] * N, 3))
+  state, data, seen = make_state(), make_data(), {c: [] for c in range(N)}
+  for r in range(rounds_run):
+    state, metrics = run_round(state, data, key)
+    pool = np.asarray(rounds.sample_pool(rounds.round_keys(key, r)[1], N, POOL))
+    for j, client in enumerate(pool):
+      seen[client].append(np.asarray(metrics['ids'])[:, j])
+  assert len({len(v) for v in seen.values()}) > 1  # some clients sat out more rounds
+  for client, batches in seen.items():
+    if not batches:
+      continue
+    walk = rounds.sample_batches(rounds.round_keys(key, 0)[0], jnp.array([client]),
+                                 data.table[client:client + 1], data.counts[client:client + 1],
+                                 jnp.zeros(1, jnp.int32), 3 * len(batches), 2)
+    np.testing.assert_array_equal(np.concatenate(batches), np.asarray(walk)[:, 0])
 
 
 def test_stepwise_round_equals_one_program_round():

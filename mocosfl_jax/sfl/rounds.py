@@ -62,10 +62,11 @@ def sample_batches(key: jax.Array, clients: jax.Array, table: jax.Array, counts:
   shuffled with ``fold_in(fold_in(key, clients[j]), p)``, so ``key`` must stay
   the same for the whole run. ``passes`` bounds the shuffles one call may
   touch (default ``steps``, always enough; :func:`passes_needed` gives the
-  exact number). ``batch_sizes`` (n,) gives each client its own batch (ragged
-  batches, at most ``batch_size``): client j's step takes ``batch_sizes[j]``
-  samples into its first rows, and its remaining rows repeat samples that the
-  step then ignores.
+  least that is enough when every round has ``steps`` steps). ``batch_sizes``
+  (n,) gives each client its own batch (ragged batches, at most
+  ``batch_size``): client j's step takes ``batch_sizes[j]`` samples into its
+  first rows, and its remaining rows repeat samples that the step then
+  ignores.
   """
   if batch_sizes is None:
     batch_sizes = jnp.full(table.shape[0], batch_size)
@@ -87,14 +88,15 @@ def sample_batches(key: jax.Array, clients: jax.Array, table: jax.Array, counts:
 
 
 def passes_needed(counts: Sequence[int], batch_sizes: Sequence[int], steps: int) -> int:
-  """The most shuffles any client's ``steps`` consecutive batches can touch.
+  """The most shuffles any client's round of ``steps`` batches can touch.
 
-  A client whose pass length divides ``steps`` always starts a round at the
-  start of a pass; any other may start anywhere in one.
+  Rounds start at multiples of ``steps`` in a client's walk, so within a pass
+  of ``per_pass`` batches they start at multiples of gcd(steps, per_pass); the
+  latest start leaves per_pass - gcd batches before the pass ends.
   """
   per_pass = np.maximum(np.asarray(counts) // np.asarray(batch_sizes), 1)
-  aligned = steps % per_pass == 0
-  return int(np.max(np.where(aligned, steps // per_pass, (per_pass + steps - 2) // per_pass + 1)))
+  latest = per_pass - np.gcd(per_pass, steps)
+  return int(np.max((latest + steps - 1) // per_pass + 1))
 
 
 def most_rows(batch_sizes: Sequence[int], pool_size: int) -> int:
