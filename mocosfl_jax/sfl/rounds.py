@@ -4,9 +4,8 @@ A round is the reference's epoch: the pool is drawn once, every pool client
 takes its next batches from an endless walk through shuffles of its own data
 (continued across rounds), and the online client models are averaged over the
 pool every ``sync_every`` steps and after the last step, then broadcast to all
-clients (spec 4.2, 4.7, 9.21). The whole
-round is one compiled program; the host passes only the state, the data
-arrays and a key.
+clients (spec 4.2, 4.7, 9.21). The whole round is one compiled program; the
+host passes only the state, the data arrays and a key.
 """
 from __future__ import annotations
 
