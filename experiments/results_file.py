@@ -12,10 +12,23 @@ import platform
 import sys
 
 
+def cpu_model() -> str:
+  """The processor's name (these shared machines come as more than one kind)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def new(**facts) -> dict:
   """Results with the date, machine and command, plus ``facts`` (versions, backend)."""
   return {'date': datetime.date.today().isoformat(), 'cpu_count': os.cpu_count(),
-          'machine': platform.platform(), 'command': ' '.join(sys.argv), **facts, 'runs': []}
+          'cpu': cpu_model(), 'machine': platform.platform(), 'command': ' '.join(sys.argv),
+          **facts, 'runs': []}
 
 
 def add_run(results: dict, run: dict, path: str) -> None:

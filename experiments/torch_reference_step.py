@@ -86,7 +86,8 @@ def info_nce(q, k, queue):
   return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
 
 
-def time_setting(clients, batch, cut_layer, repeats):
+def build_step(clients, batch, cut_layer):
+  """``step() -> loss``: one reference-shaped step on fixed views, updating the models in place."""
   torch.manual_seed(0)
   client, server = build(cut_layer)
   client_models = [copy.deepcopy(client) for _ in range(clients)]
@@ -121,8 +122,13 @@ def time_setting(clients, batch, cut_layer, repeats):
       client_opts[j].zero_grad()
       smashed[j].backward(inputs[j].grad)
       client_opts[j].step()
-    return float(loss)
+    return float(loss.detach())
 
+  return step
+
+
+def time_setting(clients, batch, cut_layer, repeats):
+  step = build_step(clients, batch, cut_layer)
   step()  # warm-up
   times = []
   for _ in range(repeats):
