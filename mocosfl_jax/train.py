@@ -416,7 +416,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   summary = {
       'initial_knn_accuracy': initial_knn,
       'final_knn_accuracy': knn_history[-1][1],
-      'best_knn_accuracy': max(a for _, a in knn_history),
+      # Of the trained models, as the best_knn/ model is chosen.
+      'best_knn_accuracy': max((a for r, a in knn_history if r > 0), default=initial_knn),
       'rounds': c.num_rounds,
       'steps': steps,
       'wall_seconds': elapsed(),

@@ -66,6 +66,7 @@ def test_summary_reports_the_probes_of_the_final_and_best_knn_models(finished_ru
   assert models['final']['knn_accuracy'] == summary['final_knn_accuracy']
   assert models['best_knn']['round'] == best_round
   assert models['best_knn']['knn_accuracy'] == best_knn
+  assert summary['best_knn_accuracy'] == best_knn
 
   num_train = summary['run']['train_samples']
   labelled = {'linear': num_train, 'mlp_10pct': int(0.1 * num_train),
