@@ -4,8 +4,8 @@
     python experiments/torch_ab.py --out experiments/results/torch_ab_cpu.json
 
 On these shared machines a whole process runs 10-25% faster or slower than
-the one before it (the same PyTorch step measured 6.0 s and 7.2 s twenty
-minutes apart), more than the difference between the two frameworks. So both
+the one before it (the same PyTorch step measured 6.0 s and 7.2 s within a
+quarter of an hour), more than the difference between the two frameworks. So both
 steps are built in one process and their steps alternate, each timed under the
 same load: the JAX step as ``benchmark.py`` builds it (client formulation
 'matmul', what ``auto`` picks, on-device augmentation included) and the
