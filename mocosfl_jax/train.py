@@ -179,6 +179,15 @@ def on_device(abstract_tree):
                       abstract_tree)
 
 
+def best_trained_knn(knn_history: list[tuple[int, float]], default: float = -math.inf) -> float:
+  """The best kNN accuracy of a trained model (round 1 or later), ``default`` if none.
+
+  The reference selects among trained models only, so the initial model's
+  accuracy never counts as the best.
+  """
+  return max((a for r, a in knn_history if r > 0), default=default)
+
+
 def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnnModel,
                  knn_history: list[tuple[int, float]], abstract_state, bank_images,
                  test_images) -> dict:
@@ -191,7 +200,7 @@ def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnn
   c = exp.config
   models = {'final': (f'final model (round {c.num_rounds})', c.num_rounds,
                       final.eval_model(state))}
-  best_recorded = max(a for r, a in knn_history if r > 0)
+  best_recorded = best_trained_knn(knn_history)
   try:
     restored = best.restore(on_device(jax.eval_shape(final.eval_model, abstract_state)), c)
   except checkpoint.CheckpointError as e:
@@ -333,10 +342,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   log.info('MocoSFL run: %s', json.dumps(info))
   symmetric = moco.is_symmetric(c.moco.loss, c.moco.version)
   collapse = moco.collapse_value(c.moco.queue_size, symmetric)
-  # The reference selects among trained models (rounds >= 1) only.
   best_meta = best.meta(c)
-  best_knn = max([a for r, a in knn_history if r > 0]
-                 + ([best_meta['knn_accuracy']] if best_meta else []), default=-math.inf)
+  best_knn = max(best_trained_knn(knn_history),
+                 best_meta['knn_accuracy'] if best_meta else -math.inf)
 
   metrics_path = workdir / metrics_lib.METRICS_FILENAME
   if restored is not None:
@@ -416,8 +424,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   summary = {
       'initial_knn_accuracy': initial_knn,
       'final_knn_accuracy': knn_history[-1][1],
-      # Of the trained models, as the best_knn/ model is chosen.
-      'best_knn_accuracy': max((a for r, a in knn_history if r > 0), default=initial_knn),
+      'best_knn_accuracy': best_trained_knn(knn_history, default=initial_knn),
       'rounds': c.num_rounds,
       'steps': steps,
       'wall_seconds': elapsed(),

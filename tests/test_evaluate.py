@@ -86,6 +86,13 @@ def test_summary_reports_the_probes_of_the_final_and_best_knn_models(finished_ru
     assert honest[probe] == models['final'][probe]['last_epoch']
 
 
+def test_best_knn_counts_trained_models_only():
+  history = [(0, 90.0), (1, 50.0), (2, 60.0), (3, 55.0)]
+  assert train.best_trained_knn(history) == 60.0
+  assert train.best_trained_knn(history[:1], default=90.0) == 90.0
+  assert train.best_trained_knn(history[:1]) == float('-inf')
+
+
 def test_evaluate_reproduces_the_summary_probes(finished_run):
   workdir, summary = finished_run
   evaluation = evaluate.run(workdir)
