@@ -12,10 +12,10 @@ Settings and formulation as ``benchmark.py`` (client formulation 'matmul').
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -44,14 +44,13 @@ def compare(setting: str, repeats: int) -> dict:
     state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
     jax.block_until_ready(metrics)
     programs[name] = [compiled, state, images]
-  times = {name: [] for name in programs}
-  for i in range(repeats):
-    for name, program in programs.items():
-      compiled, state, images = program
-      tick = time.perf_counter()
-      program[1], metrics = compiled(state, images, jax.random.key(3 + i))
-      jax.block_until_ready((program[1], metrics))
-      times[name].append(time.perf_counter() - tick)
+
+  def step(program, i):
+    compiled, state, images = program
+    program[1], metrics = compiled(state, images, jax.random.key(3 + i))
+    jax.block_until_ready((program[1], metrics))
+  times = results_file.alternate(
+      {name: functools.partial(step, program) for name, program in programs.items()}, repeats)
   medians = {name: statistics.median(t) for name, t in times.items()}
   return {'setting': setting, **benchmark.SETTINGS[setting], 'impl': 'matmul',
           'step_seconds_median': medians, 'step_seconds_all': times,

@@ -1,4 +1,5 @@
-"""The JSON results file the experiment scripts share: machine facts and runs so far.
+"""What the experiment scripts share: the JSON results file (machine facts and
+runs so far) and alternating step timings.
 
 Imports nothing but the standard library, so the PyTorch reference script can
 use it without JAX.
@@ -10,6 +11,8 @@ import json
 import os
 import platform
 import sys
+import time
+from typing import Callable
 
 
 def cpu_model() -> str:
@@ -41,3 +44,19 @@ def add_run(results: dict, run: dict, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
     json.dump(results, f, indent=2)
+
+
+def alternate(steps: dict[str, Callable[[int], None]], repeats: int) -> dict[str, list[float]]:
+  """Seconds of ``repeats`` calls of each step, called in turn (``step(i)`` in round i).
+
+  Whole processes on these shared machines drift by more than the differences
+  the A/B scripts measure; steps that alternate are timed under the same load.
+  Each step must block until its work is done.
+  """
+  times = {name: [] for name in steps}
+  for i in range(repeats):
+    for name, step in steps.items():
+      tick = time.perf_counter()
+      step(i)
+      times[name].append(time.perf_counter() - tick)
+  return times

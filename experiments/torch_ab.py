@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import torch
@@ -44,12 +43,7 @@ def compare(setting: str, repeats: int) -> dict:
   steps = {'jax': jax_step, 'torch': lambda i: torch_step()}
   for step in steps.values():
     step(-1)  # warm-up
-  times = {name: [] for name in steps}
-  for i in range(repeats):
-    for name, step in steps.items():
-      tick = time.perf_counter()
-      step(i)
-      times[name].append(time.perf_counter() - tick)
+  times = results_file.alternate(steps, repeats)
   medians = {name: statistics.median(t) for name, t in times.items()}
   ratios = [t / j for j, t in zip(times['jax'], times['torch'])]
   return {'setting': setting, **shape, 'impl': 'matmul', 'jax_compile_seconds': compile_s,
