@@ -25,7 +25,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 1             # per client and step; the server batch is pool size x batch_size
   c.cut_layer = 1              # modules on the client (1 = MocoSFL-1, 2 = MocoSFL-3, 3 = MocoSFL-5)
   c.noniid_ratio = 1.0         # 1.0 = IID; m = noniid_ratio x classes per client otherwise
-  c.num_rounds = 200           # rounds (the reference's epochs); the pool is drawn once per round
+  c.num_rounds = 200           # rounds (the reference's epochs); the pool is drawn once per round.
+                               # Used as given: the reference multiplies its epochs by
+                               # int(1 / client_sample_ratio); here only auto_adjust does (spec 3.1)
   c.steps_per_round = 0        # server steps per round; 0 = a client's samples // batch_size
   c.sync_every = 50            # FedAvg every this many steps, and always after a round's last step
   c.round_impl = 'auto'        # scan (a round is one program) | loop (a program per step) | auto
@@ -34,7 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'digits'     # digits | npz | cifar_python | image_folder | tfds
-  c.data.name = 'digits'       # dataset name: normalisation statistics and the tfds builder
+  c.data.name = 'digits'       # dataset name: the tfds builder and the normalisation statistics
+                               # (the reference's for cifar10, cifar100, svhn_cropped, stl10 and
+                               # digits; the training set's own for any other name)
   c.data.path = ''             # file or folder for the local sources
   c.data.data_dir = ''         # tfds data_dir ('' = the tfds default)
   c.data.download = True       # tfds: download and prepare data.name when data_dir lacks it
@@ -45,8 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.hetero = ''           # '' or the reference's "A_B|C|D_E" heterogeneous-client string
 
   c.model = ml_collections.ConfigDict()
-  c.model.width = 1.0          # channel multiplier (1.0 = the paper's ResNet-18)
-  c.model.image_size = 32      # input resolution after augmentation
+  c.model.width = 1.0          # channel multiplier (1.0 = the paper's ResNet-18); every stage needs
+                               # a multiple of 4 channels: a multiple of 1/16 such as 0.125
+  c.model.image_size = 32      # input resolution: images are resized to it when loaded, for
+                               # training and evaluation alike, and crops to it when augmented
   c.model.weight_standardization = True  # WS on block convs (the stem always has it)
   c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
 

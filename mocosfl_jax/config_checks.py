@@ -152,6 +152,18 @@ def _check_values(c: dict[str, Any]) -> None:
   }
   for name, (ok, allowed) in ranges.items():
     _rule(name, c[name], ok(c[name]), allowed)
+  width_problem = resnet.width_problem(c['model.width'])
+  _rule('model.width', c['model.width'], not width_problem, width_problem)
+  # The name picks the normalisation statistics, so digits' must not reach
+  # other images unnoticed, nor another dataset's reach the digits.
+  if c['data.source'] == 'digits':
+    _rule('data.name', c['data.name'], c['data.name'] == 'digits',
+          "data.source 'digits' is scikit-learn's digits: set data.name=digits")
+  else:
+    _rule('data.name', c['data.name'], c['data.name'] != 'digits',
+          f"that is the digits source's name, but data.source is {c['data.source']!r}: name "
+          f"the dataset ({_known_names()} use the reference's normalisation statistics, any "
+          "other name the training set's own)")
 
   try:
     partition.parse_hetero(c['data.hetero'], c['num_clients'])
@@ -180,6 +192,11 @@ def _check_values(c: dict[str, Any]) -> None:
           f'without feature sharing each of {c["num_clients"]} clients gets {per_client} keys '
           f'but a step writes {k} x its batch, up to {k} x {largest} = {k * largest}: use at '
           f'least {k * largest * c["num_clients"]}')
+
+
+def _known_names() -> str:
+  names = [name for name in sources.NORMALIZATION if name != 'digits']
+  return ', '.join(names[:-1]) + ' and ' + names[-1]
 
 
 def _client_batches(c: dict[str, Any]) -> np.ndarray:

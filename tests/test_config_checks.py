@@ -10,6 +10,7 @@ import pytest
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import config_checks
 from mocosfl_jax.config_checks import ConfigError
+from mocosfl_jax.models import resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
 
@@ -192,6 +193,33 @@ def test_wrong_type(field, value, expected):
 
 def test_ints_are_accepted_for_float_fields():
   config_checks.validate(with_fields(model__width=1, moco__ema_decay=1))
+
+
+@pytest.mark.parametrize('width, channels', [
+    (0.01, '0.64, 1.28, 2.56, 5.12'),   # was floored to 4 channels in every stage
+    (0.05, '3.2, 6.4, 12.8, 25.6'),     # the stem was floored to 4
+    (0.3, '19.2, 38.4, 76.8, 153.6'),   # groups of 4 do not divide 19 channels
+    (0.21875, '14, 28, 56, 112'),
+])
+def test_width_must_give_every_stage_whole_groups_of_4_channels(width, channels):
+  message = rejects(with_fields(model__width=width), 'model.width')
+  assert f'is {width!r}' in message and channels in message
+  assert 'multiple of 4' in message and '0.0625' in message
+  with pytest.raises(ValueError, match='multiple of 4'):
+    resnet.channels(width)
+
+
+def test_widths_that_build_the_network_pass():
+  for width in (0.0625, 0.125, 0.25, 0.5, 0.75, 1, 2):
+    config_checks.validate(with_fields(model__width=width))
+    assert all(c % 4 == 0 for c in resnet.channels(width))
+
+
+def test_the_digits_name_goes_with_the_digits_source_only():
+  message = rejects(with_fields(data__source='npz'), 'data.name')
+  assert "'digits'" in message and "'npz'" in message and 'cifar10' in message
+  rejects(with_fields(data__name='cifar10'), 'data.name')
+  config_checks.validate(with_fields(data__source='npz', data__name='my_photos'))
 
 
 def test_unknown_field_from_a_config_file_suggests_the_right_name():

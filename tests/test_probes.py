@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mocosfl_jax.evaluation import probes
+from mocosfl_jax.evaluation import final, probes
 
 NUM_CLASSES = 4
 
@@ -274,6 +274,33 @@ def test_result_bookkeeping_and_determinism(blobs):
   assert first.best_test_accuracy > first.last_test_accuracy
   assert tied.per_epoch_test_accuracy.count(tied.best_test_accuracy) > 1
   assert tied.best_epoch < 9
+
+
+def _evaluation(result, epochs):
+  entry = final._probe_entry(result, 512)
+  models = {'final': {'round': 5, 'knn_accuracy': 90.0, 'linear': entry, 'mlp_10pct': None,
+                      'mlp_1pct': None}}
+  return {'probe_epochs': epochs, 'models': models, 'reference_numbers': None,
+          'honest_numbers': None, 'notes': final.unlearned_notes(models, NUM_CLASSES)}
+
+
+def test_a_probe_too_short_to_learn_says_so_next_to_its_accuracy(blobs):
+  # Separable features, but 2 epochs of 4 batches are 8 Adam steps of at
+  # most 1e-3 (every other one at 0, the reference cosine's horizon being 1):
+  # the head barely leaves its random start.
+  short = probes.linear_probe(*blobs, NUM_CLASSES, key=jax.random.key(0), epochs=2)
+  assert short.steps == 2 * 4
+  assert short.final_train_loss > np.log(NUM_CLASSES)
+  table = final.format_table(_evaluation(short, 2))
+  assert 'Adam steps per probe (2 epochs, batch 128): linear 8' in table
+  note, = [line for line in table.splitlines() if line.startswith('note: ')]
+  assert 'linear probe (final)' in note and 'after 8 Adam steps' in note
+  assert 'more probe epochs' in note
+
+  trained = probes.linear_probe(*blobs, NUM_CLASSES, key=jax.random.key(0), **_LINEAR_PROBE_ARGS)
+  assert trained.steps == 10 * 4
+  table = final.format_table(_evaluation(trained, 10))
+  assert 'linear 40' in table and 'note: ' not in table
 
 
 def test_label_fraction_subset_size_and_key():

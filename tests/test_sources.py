@@ -506,10 +506,59 @@ def test_cifar_python_corrupt_inputs_name_the_file(tmp_path, cifar10_dir, case):
   assert not (tmp_path / 'pwned').exists()
 
 
-def test_cifar_python_name_mismatch(tmp_path, cifar10_dir):
+@pytest.mark.parametrize('name', ['cifar100', 'my_cifar'])
+def test_cifar_python_name_mismatch(tmp_path, cifar10_dir, name):
+  # Another name would normalise CIFAR-10 with other statistics than the reference's.
   with pytest.raises(DataError, match='data.name=cifar10'):
-    sources.load_split(_config(tmp_path, 'cifar_python', cifar10_dir[0], name='cifar100'),
-                       'train')
+    sources.load_split(_config(tmp_path, 'cifar_python', cifar10_dir[0], name=name), 'train')
+
+
+def test_images_are_resized_to_the_model_size_for_training_and_evaluation(tmp_path, npz_dir):
+  # 8x8 images: the crops of training are 32x32, and so must be what the kNN
+  # monitor and the probes embed, which is the stored images.
+  config = _config(tmp_path, 'npz', npz_dir)
+  for split, seed in (('train', 0), ('test', 1)):
+    loaded = sources.load_split(config, split, image_size=32)
+    assert loaded.images.shape[1:] == (32, 32, 3) and loaded.images.dtype == np.uint8
+    want = [np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
+            for image in _images(len(loaded), seed)]
+    np.testing.assert_array_equal(loaded.images, want)
+  # Already the model's size: untouched; no size given: the source's.
+  np.testing.assert_array_equal(sources.load_split(config, 'train', image_size=8).images,
+                                _images(6, 0))
+  assert sources.load_split(config, 'train').images.shape[1:] == (8, 8, 3)
+  digits = ml_collections.ConfigDict(dict(source='digits'))
+  assert sources.load_split(digits, 'test', image_size=64).images.shape[1:] == (64, 64, 3)
+
+
+def test_the_experiment_stores_images_at_the_model_size(tmp_path, npz_dir):
+  from mocosfl_jax import config as config_lib
+  from mocosfl_jax import train
+
+  c = config_lib.default_config()
+  c.num_clients, c.data.source, c.data.name = 2, 'npz', 'tiny'
+  c.data.path, c.data.cache_dir = str(npz_dir), str(tmp_path / 'cache')
+  exp = train.build(c)
+  assert exp.train.images.shape[1:3] == exp.test.images.shape[1:3] == (32, 32)
+
+
+def test_known_names_keep_the_reference_statistics():
+  assert sources.normalization('cifar10') == ((0.4914, 0.4822, 0.4465),
+                                              (0.2023, 0.1994, 0.2010))
+  images = _images(4, 0)
+  assert sources.normalization('cifar100', images) == sources.NORMALIZATION['cifar100']
+
+
+def test_other_names_are_normalised_with_their_training_set():
+  images = _images(40, 0)
+  images[..., 2] = 7  # a constant channel must not divide by zero
+  mean, std = sources.normalization('my_photos', images)
+  pixels = images.reshape(-1, 3) / 255.0
+  np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(std[:2], pixels.std(0)[:2], rtol=1e-12)
+  assert std[2] == pytest.approx(1 / 255)
+  with pytest.raises(ValueError, match='my_photos'):
+    sources.normalization('my_photos')
 
 
 @pytest.mark.parametrize('case', ['corrupt', 'size_mismatch', 'rgba', 'unknown_class',

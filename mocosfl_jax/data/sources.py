@@ -72,9 +72,46 @@ _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 _CONVERTIBLE_MODES = ('RGB', 'L', 'P')
 
 
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) per channel for a dataset name; ImageNet statistics otherwise."""
-  return NORMALIZATION.get(name, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+def normalization(name: str, train_images: np.ndarray | None = None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel of pixels scaled to [0, 1], for the dataset ``name``.
+
+  The reference's statistics for the names in NORMALIZATION. Any other name
+  gets the per-channel mean and std of ``train_images``, as such constants
+  are made, rather than another dataset's statistics.
+
+  Raises:
+    ValueError: ``name`` is not in NORMALIZATION and ``train_images`` is None.
+  """
+  if name in NORMALIZATION:
+    return NORMALIZATION[name]
+  if train_images is None:
+    raise ValueError(f'no statistics for data.name {name!r}: pass its training images')
+  mean, std = _channel_statistics(train_images)
+  _log.info('data.name %r has no reference statistics: normalising with its training set\'s '
+            'mean (%s) and std (%s)', name, ', '.join(f'{m:.4f}' for m in mean),
+            ', '.join(f'{s:.4f}' for s in std))
+  return mean, std
+
+
+def _channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Exact per-channel mean and population std of uint8 NHWC images, in [0, 1] units.
+
+  From per-channel histograms of chunks, so that 50,000 CIFAR images need
+  megabytes, not the gigabytes of a float copy.
+  """
+  channels = images.shape[-1]
+  counts = np.zeros((channels, 256), np.int64)
+  for start in range(0, len(images), 4096):
+    pixels = images[start:start + 4096].reshape(-1, channels)
+    for c in range(channels):
+      counts[c] += np.bincount(pixels[:, c], minlength=256)
+  values = np.arange(256) / 255.0
+  mean = counts @ values / counts.sum(1)
+  var = counts @ values**2 / counts.sum(1) - mean**2
+  # A constant channel would divide by zero; one grey level keeps it finite.
+  std = np.maximum(np.sqrt(np.maximum(var, 0.0)), 1.0 / 255.0)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def _digits(split: str, image_size: int = 32) -> Split:
@@ -251,9 +288,9 @@ def _cifar_variant(folder: str) -> str:
 def _locate_cifar_python(data_config, split: str) -> _Input:
   folder = _local_path(data_config)
   variant = _cifar_variant(folder)
-  other = {'cifar10': 'cifar100', 'cifar100': 'cifar10'}[variant]
-  if data_config.name == other:
-    raise DataError(f'{folder} holds {variant} but data.name is {other!r}: '
+  # The name picks the normalisation statistics: any other would not be CIFAR's.
+  if data_config.name != variant:
+    raise DataError(f'{folder} holds {variant} but data.name is {data_config.name!r}: '
                     f'set --config.data.name={variant}')
   split_files, meta, _, _ = _CIFAR_LAYOUTS[variant]
   files = tuple(os.path.join(folder, f) for f in split_files[split] + (meta,))
@@ -537,12 +574,36 @@ def _write_cache(file: str, data: Split) -> None:
       os.remove(tmp)
 
 
-def load_split(data_config, split: str) -> Split:
+def _resized(data: Split, image_size: int, split: str) -> Split:
+  """``data`` with every image resized to image_size x image_size (bilinear, as the digits).
+
+  Resized once here rather than refused: training crops are resized to
+  model.image_size anyway, and the kNN monitor and the probes embed the
+  stored images whole, so storing them at that size makes training and
+  evaluation see one resolution (8x8 images would otherwise train on 32x32
+  crops and be evaluated at 8x8), as the digits source always did.
+  """
+  height, width = data.images.shape[1:3]
+  if (height, width) == (image_size, image_size):
+    return data
+  from PIL import Image
+
+  _log.info('resizing the %d %s images from %dx%d to %dx%d (model.image_size)', len(data),
+            split, width, height, image_size, image_size)
+  images = np.stack([
+      np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+      for image in data.images])
+  return Split(images, data.labels, data.class_names)
+
+
+def load_split(data_config, split: str, image_size: int | None = None) -> Split:
   """Loads ``split`` ('train' or 'test') of the source named by ``data_config.source``.
 
   Args:
     data_config: ``config.data`` with fields source, name, path, data_dir and cache_dir.
     split: 'train' or 'test'.
+    image_size: model.image_size, to which every image is resized; None
+      keeps the source's size (32 for the digits).
 
   Returns:
     The split's images (uint8, NHWC, RGB), labels (int32) and class names.
@@ -554,15 +615,14 @@ def load_split(data_config, split: str) -> Split:
     raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
   source = data_config.source
   if source == 'digits':
-    return _digits(split)
+    return _digits(split, image_size or 32)
   if source not in _SOURCES:
     raise DataError(f'unknown data.source {source!r}: use one of {list(SOURCES)}')
   locate, decode = _SOURCES[source]
   found = locate(data_config, split)
   cache_file = _cache_file(data_config, split, found)
-  cached = _read_cache(cache_file)
-  if cached is not None:
-    return cached
-  data = decode(found, split)
-  _write_cache(cache_file, data)
-  return data
+  data = _read_cache(cache_file)
+  if data is None:
+    data = decode(found, split)
+    _write_cache(cache_file, data)
+  return data if image_size is None else _resized(data, image_size, split)

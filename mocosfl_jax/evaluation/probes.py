@@ -54,12 +54,15 @@ class ProbeResult:
     final_train_loss: mean cross-entropy over the last epoch's training
       examples, as seen during training (train-mode BatchNorm, pre-step
       weights).
+    steps: optimiser steps taken, epochs x batches per epoch: the protocol
+      counts epochs, but how far Adam moves the head depends on the steps.
   """
   best_test_accuracy: float
   last_test_accuracy: float
   best_epoch: int
   per_epoch_test_accuracy: list[float]
   final_train_loss: float
+  steps: int
 
 
 class LinearHead(nn.Module):
@@ -264,7 +267,8 @@ def fit_head(head: nn.Module, train_x, train_y, test_x, test_y, *, key: jax.Arra
       last_test_accuracy=float(accuracy[-1]),
       best_epoch=best_epoch,
       per_epoch_test_accuracy=accuracy.tolist(),
-      final_train_loss=float(losses[-1]))
+      final_train_loss=float(losses[-1]),
+      steps=epochs * -(-len(train_y) // batch_size))
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, key: jax.Array,

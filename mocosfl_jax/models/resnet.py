@@ -136,9 +136,31 @@ class BasicBlock(nn.Module):
     return materialize(nn.relu(x + y))
 
 
+def width_problem(width: float) -> str:
+  """Why ``width`` cannot build the network, or '' when it can.
+
+  Every stage needs a positive multiple of 4 channels, the size of a GroupNorm
+  group (spec 1.2). Rounding another width to one that works would silently
+  train another network than the one asked for.
+  """
+  if all(round(c * width) >= 4 and round(c * width) % 4 == 0 for c in STAGE_CHANNELS):
+    return ''
+  return (f'the {"/".join(map(str, STAGE_CHANNELS))} channels of the four stages would become '
+          f'{", ".join(f"{c * width:g}" for c in STAGE_CHANNELS)}, but each stage needs a '
+          'positive multiple of 4 (GroupNorm groups of 4 channels): use a multiple of 1/16 '
+          'such as 0.0625, 0.125, 0.25, 0.5 or 1')
+
+
 def channels(width: float) -> tuple[int, ...]:
-  """Stage widths for a width multiplier (1.0 = the paper's ResNet-18)."""
-  return tuple(max(int(round(c * width)), 4) for c in STAGE_CHANNELS)
+  """Stage widths for a width multiplier (1.0 = the paper's ResNet-18).
+
+  Raises:
+    ValueError: ``width_problem(width)`` is not empty.
+  """
+  problem = width_problem(width)
+  if problem:
+    raise ValueError(f'width {width!r}: {problem}')
+  return tuple(int(round(c * width)) for c in STAGE_CHANNELS)
 
 
 def make_module(index: int, width: float, image_size: int = 32,
