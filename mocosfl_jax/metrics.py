@@ -173,8 +173,22 @@ class MetricsWriter:
         purge_step = 0
     self._ensure_ends_with_newline()
     self._file = open(self.path, 'a', encoding='utf-8')
+    self._workdir = workdir
+    self._tensorboard = tensorboard
+    self._purge_step = purge_step
     self._tb = None
-    if tensorboard:
+    if tensorboard and purge_step is not None:
+      # At once: the purge must reach TensorBoard even if no record follows.
+      self._event_writer()
+
+  def _event_writer(self):
+    """The TensorBoard writer, created with the first record or the purge.
+
+    Created late so that an event file always holds a record or a purge: a new
+    run stopped before its first record leaves none, and an event file in a
+    workdir is a result of a run, as train.earlier_results counts it.
+    """
+    if self._tb is None:
       # Imported here so that readers of metrics (plotting) do not pay for it.
       import tensorboardX  # pylint: disable=g-import-not-at-top
       # tensorboardX names event files by the second and opens them with 'wb',
@@ -184,8 +198,9 @@ class MetricsWriter:
       # purge_step makes TensorBoard discard the interrupted run's events from
       # that step on, mirroring the JSONL truncation.
       self._tb = tensorboardX.SummaryWriter(
-          logdir=workdir, purge_step=purge_step,
+          logdir=self._workdir, purge_step=self._purge_step,
           filename_suffix=f'.{time.time_ns()}')
+    return self._tb
 
   def _ensure_ends_with_newline(self) -> None:
     # A run killed mid-line leaves a partial last line; appending straight
@@ -221,15 +236,16 @@ class MetricsWriter:
     # record written before the kill.
     self._file.write(_dumps(dict(record)) + '\n')
     self._file.flush()
-    if self._tb is None:
+    if not self._tensorboard:
       return
+    tb = self._event_writer()
     for key, value in record.items():
       value = _scalar(value)
       if key in _INDEX_KEYS or value is None:
         continue
-      self._tb.add_scalar(key, value, global_step=int(step))
+      tb.add_scalar(key, value, global_step=int(step))
     # Keeps TensorBoard in step with the JSONL file if the run is killed.
-    self._tb.flush()
+    tb.flush()
 
   def close(self) -> None:
     """Closes both sinks; safe to call more than once."""

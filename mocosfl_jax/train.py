@@ -5,12 +5,13 @@ a pure function or a small object from the library below it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 
 import jax
@@ -110,8 +111,8 @@ def pool_size(config) -> int:
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Loads data, partitions it and builds models, optimisers and compiled functions."""
   c = config
-  train = sources.load_split(c.data, 'train')
-  test = sources.load_split(c.data, 'test')
+  train = sources.load_split(c.data, 'train', c.model.image_size)
+  test = sources.load_split(c.data, 'test', c.model.image_size)
   part = partition.make_partition(train.labels, train.num_classes, c.num_clients,
                                   c.noniid_ratio, c.data, c.seed)
   _, counts = partition.padded(part.client_indices)
@@ -135,7 +136,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   else:
     client_lr = lambda steps, rnd: jnp.broadcast_to(per_round(rnd), steps.shape)
 
-  mean, std = sources.normalization(c.data.name)
+  mean, std = sources.normalization(c.data.name, train.images)
   version = c.moco.augmentation
   if version == 'auto':
     version = 'mocov1' if c.moco.version == 'V1' else 'mocov2'
@@ -218,6 +219,230 @@ def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnn
 
 
 # ---------------------------------------------------------------------------
+# The workdir's earlier results
+# ---------------------------------------------------------------------------
+
+# The files of a run's results, other than TensorBoard's event files and the
+# best-kNN model: the metrics, the summary, evaluate's evaluation.json and
+# plot's default PNG. partition.json is not one: every start rewrites it from
+# the config.
+RESULT_FILES = (metrics_lib.METRICS_FILENAME, 'summary.json', 'evaluation.json',
+                'metrics.png')
+
+
+def earlier_results(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The results of an earlier run in ``workdir``, which a run from round 0 would overwrite."""
+  workdir = pathlib.Path(workdir)
+  found = [workdir / name for name in RESULT_FILES
+           if (workdir / name).is_file() and (workdir / name).stat().st_size]
+  # The metrics writer creates an event file with its first record, so one
+  # that exists holds results.
+  found += sorted(workdir.glob('events.out.tfevents.*'))
+  best = workdir / final.BEST_DIR
+  if best.is_dir() and any(best.iterdir()):
+    found.append(best)
+  return found
+
+
+def _names(paths: list[pathlib.Path]) -> str:
+  events = [p for p in paths if p.name.startswith('events.out.tfevents.')]
+  names = [p.name + ('/' if p.is_dir() else '') for p in paths if p not in events]
+  if events:
+    names.append(f'{len(events)} TensorBoard event file{"s" if len(events) > 1 else ""}')
+  return ', '.join(names)
+
+
+def claim_workdir(workdir: str | pathlib.Path, fresh: bool) -> None:
+  """Lets a run start at round 0 in ``workdir`` only if that loses no earlier results.
+
+  With ``fresh`` the earlier results are deleted, with a warning; without it
+  the run is refused with one line naming ``--fresh``. Refused rather than
+  moved aside: a workdir that holds results but no checkpoint to resume from
+  is most often a finished or long run whose checkpoints were deleted, all
+  unreadable or never written, and the user who reruns its command expects it
+  to resume. Silently training again from round 0 could cost hours and leave
+  two runs' results side by side; a refusal costs one more command and loses
+  nothing, and what ``--fresh`` deletes is what the user asked to delete.
+
+  Raises:
+    checkpoint.CheckpointError: ``workdir`` holds results and ``fresh`` is off.
+  """
+  found = earlier_results(workdir)
+  if not found:
+    return
+  if not fresh:
+    raise checkpoint.CheckpointError(
+        f'{workdir} holds the results of an earlier run ({_names(found)}) but no checkpoint to '
+        'resume from: pass --fresh to delete them and start over, or use another --workdir')
+  log.warning('--fresh: deleting %s in %s', _names(found), workdir)
+  for path in found:
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# What the run tells its user
+# ---------------------------------------------------------------------------
+
+def describe_table(info: dict) -> str:
+  """``describe``'s dict as a short table, printed when the run starts."""
+  comm = info['communication_per_client_mb']
+  rows = [
+      ('devices', ', '.join(info['devices'])),
+      ('clients', f'{info["num_clients"]:,}, {info["pool_size"]:,} a round, '
+                  f'batch {info["batch_size"]} each'),
+      ('schedule', f'{info["rounds"]:,} rounds x {info["steps_per_round"]:,} steps = '
+                   f'{info["total_steps"]:,} steps'),
+      ('cut', f'layer {info["cut_layer"]} ({info["paper_name"]}), smashed data '
+              + 'x'.join(str(n) for n in info['smashed_shape']) + ' an image'),
+      ('parameters', f'client {info["client_params"]:,}, server {info["server_params"]:,}'),
+      ('traffic', f'{comm["total_mb"]:,.1f} MB a client over the run, estimated '
+                  f'({comm["upload_mb"]:,.1f} up, {comm["download_mb"]:,.1f} down)'),
+      ('data', f'{info["train_samples"]:,} training, {info["test_samples"]:,} test images'),
+  ]
+  width = max(len(name) for name, _ in rows)
+  return '\n'.join(['MocoSFL run'] + [f'  {name:<{width}}  {value}' for name, value in rows])
+
+
+def duration(seconds: float) -> str:
+  """'45 s', '3 min 12 s' or '2 h 05 min'."""
+  seconds = round(seconds)
+  if seconds < 60:
+    return f'{seconds} s'
+  if seconds < 3600:
+    return f'{seconds // 60} min {seconds % 60:02d} s'
+  return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+
+
+def closing_block(summary: dict, summary_path: str | pathlib.Path) -> str:
+  """What a finished run printed last: its kNN accuracies, probes, size, time and summary file."""
+  rows = [
+      ('kNN accuracy', f'{summary["initial_knn_accuracy"]:.2f}% at the start, '
+                       f'{summary["final_knn_accuracy"]:.2f}% at the end, '
+                       f'best {summary["best_knn_accuracy"]:.2f}%'),
+      ('rounds', f'{summary["rounds"]:,} ({summary["steps"]:,} steps)'),
+      ('wall time', duration(summary['wall_seconds'])),
+      ('throughput', f'{summary["images_per_second"]:,.1f} images/s '
+                     f'({summary["steps_per_second"]:.2f} steps/s)'),
+  ]
+  width = max(len(name) for name, _ in rows)
+  lines = ['MocoSFL run finished'] + [f'  {name:<{width}}  {value}' for name, value in rows]
+  if 'probes' in summary:
+    lines.append(f'  probes ({summary["probes"]["probe_epochs"]} epochs, accuracy %)')
+    lines += ['    ' + line for line in final.format_table(summary['probes']).splitlines()]
+  lines.append(f'  summary: {summary_path}')
+  return '\n'.join(lines)
+
+
+def time_left(rounds_left: int, paced_rounds: int, paced_seconds: float) -> str:
+  """The time ``rounds_left`` rounds take at the pace of ``paced_rounds`` in ``paced_seconds``.
+
+  '?' before there is a paced round: a process's first round compiles, so
+  the pace is measured from its end.
+  """
+  if not paced_rounds:
+    return '?'
+  return tqdm.tqdm.format_interval(rounds_left * paced_seconds / paced_rounds)
+
+
+class _AboveTheBar(logging.Handler):
+  """Hands each record to ``handlers`` with the progress bars cleared around it."""
+
+  def __init__(self, handlers: list[logging.Handler]):
+    super().__init__()
+    self.handlers = handlers
+
+  def emit(self, record: logging.LogRecord) -> None:
+    with tqdm.tqdm.external_write_mode():
+      for handler in self.handlers:
+        if record.levelno >= handler.level:
+          handler.handle(record)
+
+
+def progress_bar(start: int, num_rounds: int) -> tqdm.tqdm:
+  """The bar over rounds ``start`` to ``num_rounds``; the loop sets its postfix.
+
+  tqdm's own estimate of the time left would count the first round's
+  compilation: the postfix shows ``time_left``'s instead.
+  """
+  return tqdm.tqdm(range(start, num_rounds), desc='rounds', initial=start, total=num_rounds,
+                   dynamic_ncols=True,
+                   bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} '
+                              '[{elapsed}{postfix}]')
+
+
+@contextlib.contextmanager
+def logs_above_the_bar():
+  """Log records written while a progress bar shows go on lines of their own above it.
+
+  Wraps the root logger's handlers whatever they are (tqdm's
+  logging_redirect_tqdm would add a second console handler beside absl's,
+  which it does not recognise, and print every record twice).
+  """
+  root = logging.getLogger()
+  handlers = root.handlers
+  root.handlers = [_AboveTheBar(handlers)]
+  try:
+    yield
+  finally:
+    root.handlers = handlers
+
+
+# Contrastive accuracy at most this many times chance counts as chance: a
+# round's mean covers hundreds of rows or more, so chance rarely exceeds it.
+CHANCE_MARGIN = 3.0
+
+
+def collapsed(loss: float, accuracy: float, negatives: int, symmetric: bool) -> bool:
+  """Whether a round's mean loss and contrastive accuracy are those of a collapsed model.
+
+  A collapsed model gives every input the same output, so each positive key
+  scores like each of the ``negatives`` queued keys: the loss is then
+  ``moco.collapse_value`` and the positive is picked as often as chance,
+  1 / (negatives + 1). The loss alone does not tell: early in a run an
+  untrained network's outputs are nearly parallel and the loss comes close
+  to that value too, but such a model already picks the positive far more
+  often than chance (configs/quickstart.py, round 2: loss 10.65 against
+  11.10, accuracy 0.046 against 0.004). So both must hold: the loss within
+  1% of the value and the accuracy at chance. A loss equal to the value to
+  1e-4 is collapse whatever the accuracy: every logit is then equal to float
+  precision, and the accuracy only says how their ties were broken.
+  """
+  value = moco.collapse_value(negatives, symmetric)
+  gap = abs(loss - value) / value
+  at_chance = accuracy <= CHANCE_MARGIN / (negatives + 1)
+  return gap <= 1e-4 or (gap <= 0.01 and at_chance)
+
+
+def negatives_per_row(config) -> int:
+  """Keys each query is contrasted with: the shared queue, or its client's share of it."""
+  q = config.moco.queue_size
+  return q if config.moco.feature_sharing else q // config.num_clients
+
+
+class CollapseWatch:
+  """Says so, once, when training collapses, and again only after it recovered."""
+
+  def __init__(self, negatives: int, symmetric: bool):
+    self.negatives = negatives
+    self.symmetric = symmetric
+    self._collapsed = False
+
+  def check(self, round_: int, loss: float, accuracy: float) -> str | None:
+    """The warning for ``round_``'s mean loss and contrastive accuracy, if a collapse starts there."""
+    was, self._collapsed = self._collapsed, collapsed(loss, accuracy, self.negatives,
+                                                      self.symmetric)
+    if was or not self._collapsed:
+      return None
+    return (f'round {round_}: training has collapsed: the model no longer tells an image\'s '
+            f'other view from the {self.negatives} keys in the queue (loss {loss:.2f}, the value '
+            f'when all score alike; contrastive accuracy {accuracy:.4f}, chance '
+            f'{1 / (self.negatives + 1):.4f}); runs rarely recover from this')
+
+
+# ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 
@@ -272,14 +497,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
     config: the experiment's config; with ``auto_adjust`` on, the run uses
       (and its checkpoints and summary record) the values it derives.
     workdir: directory for metrics, summaries and checkpoints.
-    fresh: delete the workdir's checkpoints and start over instead of resuming.
+    fresh: delete the workdir's checkpoints and results and start over
+      instead of resuming.
 
   Returns:
     The summary also written to ``workdir/summary.json``.
 
   Raises:
     config_checks.ConfigError: a config field that cannot work.
-    checkpoint.CheckpointError: the workdir's checkpoint is of another config.
+    checkpoint.CheckpointError: the workdir's checkpoint is of another config,
+      or the workdir holds results but no checkpoint to resume from
+      (``claim_workdir``).
     sources.DataError: missing or bad data.
     FloatingPointError: the loss or the state became non-finite; the
       checkpoints saved before are kept.
@@ -302,7 +530,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
   checkpoints = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, fresh=fresh)
   try:
     # Before the data is loaded and anything compiles.
-    checkpoints.check_compatible(config)
+    if checkpoints.check_compatible(config) is None:
+      claim_workdir(workdir, fresh)
     return _run(config, workdir, checkpoints, started)
   finally:
     # A save still in flight may hold the last good state: let it land.
@@ -323,8 +552,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   restored = checkpoints.restore(abstract_state, c)
   best = final.BestKnnModel(workdir)
   if restored is None:
-    # A best-kNN model left here belongs to a discarded run.
-    best.clear()
+    # Every checkpoint that passed check_compatible was unreadable after all.
+    claim_workdir(workdir, fresh=False)
     state = exp.init_state(init_key)
     start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
     timed_rounds, timed_seconds = 0, 0.0
@@ -339,23 +568,18 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   data = exp.client_data()
   test_images = jnp.asarray(exp.test.images)
   info = describe(exp, state)
-  log.info('MocoSFL run: %s', json.dumps(info))
+  print(describe_table(info), flush=True)
   symmetric = moco.is_symmetric(c.moco.loss, c.moco.version)
-  collapse = moco.collapse_value(c.moco.queue_size, symmetric)
+  collapse = CollapseWatch(negatives_per_row(c), symmetric)
   best_meta = best.meta(c)
   best_knn = max(best_trained_knn(knn_history),
                  best_meta['knn_accuracy'] if best_meta else -math.inf)
 
-  metrics_path = workdir / metrics_lib.METRICS_FILENAME
-  if restored is not None:
-    resume_from_round = start
-  elif metrics_path.exists():
-    # A run killed before its first checkpoint: drop all of its records.
-    resume_from_round = -1
-  else:
-    resume_from_round = None
+  # claim_workdir left no records to a run from round 0.
+  resume_from_round = None if restored is None else start
   with metrics_lib.MetricsWriter(workdir, resume_from_round=resume_from_round) as writer, \
-       checkpoint.StopOnSignal() as signals:
+       checkpoint.StopOnSignal() as signals, logs_above_the_bar(), \
+       progress_bar(start, c.num_rounds) as bar:
     if restored is None:
       initial_knn = evaluate_knn(exp, state, data.images, test_images)
       log.info('kNN accuracy at initialisation: %.2f%%', initial_knn)
@@ -363,8 +587,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       writer.write({'round': 0, 'step': 0, 'knn_accuracy': initial_knn,
                     'elapsed_s': elapsed()})
     last_saved = start
-    bar = tqdm.tqdm(range(start, c.num_rounds), desc='rounds', unit='round', initial=start,
-                    total=c.num_rounds, dynamic_ncols=True)
+    paced_since = None
     for r in bar:
       tick = time.time()
       state, step_metrics = exp.run_round(state, data, round_key)
@@ -384,9 +607,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             f'(steps {r * exp.steps_per_round + 1}-{rounds_done * exp.steps_per_round}); '
             + (f'the checkpoint of round {last_saved} is kept' if last_saved
                else 'no checkpoint was saved'))
-      if abs(record['loss'] - collapse) < 0.01 * collapse:
-        log.warning('round %d: loss %.3f is at the collapse value (ln(K+1) a term) %.2f',
-                    rounds_done, record['loss'], collapse)
+      warning = collapse.check(rounds_done, record['loss'], record['contrastive_accuracy'])
+      if warning:
+        log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
         model = final.eval_model(state)
         record['knn_accuracy'] = final.knn_accuracy(exp, model, data.images, test_images)
@@ -397,8 +620,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if rounds_done % c.log_every == 0 or 'knn_accuracy' in record or rounds_done == c.num_rounds:
         writer.write({'round': rounds_done, 'step': rounds_done * exp.steps_per_round,
                       **record, 'elapsed_s': elapsed()})
-      bar.set_postfix(loss=f'{record["loss"]:.3f}',
-                      knn=f'{knn_history[-1][1]:.1f}')
+      if paced_since is None:
+        paced_since = time.time()
+      bar.set_postfix({'loss': f'{record["loss"]:.3f}', 'knn': f'{knn_history[-1][1]:.1f}',
+                       'left': time_left(c.num_rounds - rounds_done, r - start,
+                                         time.time() - paced_since)})
       # Saved after the round's record is written: a resume from this
       # checkpoint keeps exactly the records up to this round.
       stop = signals.signum is not None and rounds_done < c.num_rounds
@@ -440,4 +666,5 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     summary['probes'] = final_probes(exp, state, best, knn_history, abstract_state,
                                      data.images, test_images)
   metrics_lib.write_json(workdir / 'summary.json', summary)
+  print(closing_block(summary, workdir / 'summary.json'), flush=True)
   return summary
