@@ -347,8 +347,3 @@ class BestKnnModel:
       raise checkpoint.CheckpointError(
           f'the best-kNN model in {path} is unreadable ({type(e).__name__}: {reason})') from e
     return restored.model, restored.meta
-
-  def clear(self) -> None:
-    """Deletes every kept copy."""
-    if self.directory.exists():
-      shutil.rmtree(self.directory)
