@@ -13,8 +13,10 @@ activations that the kernel gradient transposes.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,25 @@ def jit(fun: Callable, **kwargs) -> Callable:
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
+# Off while tracing for export: LiteRT has no use for an XLA:CPU fusion
+# boundary, and with a dynamic batch the conditional does not convert.
+_boundaries = contextvars.ContextVar('materialize_boundaries', default=True)
+
+
+@contextlib.contextmanager
+def without_boundaries() -> Iterator[None]:
+  """Within the block, :func:`materialize` is the identity on every backend.
+
+  It acts when a function is traced, so trace (``jax2tf.convert``,
+  ``jax.make_jaxpr``) inside the block, not through a cached ``jax.jit``.
+  """
+  token = _boundaries.set(False)
+  try:
+    yield
+  finally:
+    _boundaries.reset(token)
+
+
 def materialize(x: jax.Array) -> jax.Array:
   """Identity that XLA:CPU must materialise instead of fusing into its consumers.
 
@@ -63,7 +84,7 @@ def materialize(x: jax.Array) -> jax.Array:
   Under ``vmap`` (the per-client models) it stays one boundary over the
   stacked array, and a cotangent passing back through it gets one too.
   """
-  if jax.default_backend() != 'cpu':
+  if jax.default_backend() != 'cpu' or not _boundaries.get():
     return x
   return _materialize(x)
 
