@@ -123,24 +123,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   client_net, server_net = split.build(c, as_matmul=client_impl == 'matmul')
   server_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
   client_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
-  client_base = c.optim.lr if c.optim.client_lr < 0 else c.optim.client_lr
-  if optim.schedule_kind(c.optim.schedule, c.moco.version) == 'multistep':
-    server_lr = optim.multistep(c.optim.lr, c.num_rounds, 0.1)
-    per_step = per_round = optim.multistep(client_base, c.num_rounds, 0.2)
-  else:
-    server_lr = optim.cosine_per_epoch(c.optim.lr, c.num_rounds)
-    per_step = optim.reference_client_cosine(client_base, c.num_rounds)
-    per_round = optim.cosine_per_epoch(client_base, c.num_rounds)
-  if c.optim.client_schedule == 'per_client_step':
-    client_lr = lambda steps, rnd: per_step(steps)
-  else:
-    client_lr = lambda steps, rnd: jnp.broadcast_to(per_round(rnd), steps.shape)
+  server_lr, client_lr = optim.learning_rates(c)
 
   mean, std = sources.normalization(c.data.name, train.images)
-  version = c.moco.augmentation
-  if version == 'auto':
-    version = 'mocov1' if c.moco.version == 'V1' else 'mocov2'
-  pair_augment = augment.make_pair_augment(version, mean, std, c.model.image_size,
+  pair_augment = augment.make_pair_augment(augment.resolve_version(c.moco), mean, std,
+                                           c.model.image_size,
                                           (c.moco.crop_scale_min, 1.0))
   train_step = step_lib.make_train_step(
       client_net, server_net, server_tx, client_tx, pair_augment,

@@ -259,17 +259,13 @@ def test_pair_views_reject_bad_input():
 
 
 def _engine_client_lr(kind, client_schedule, base, num_rounds):
-  """client_lr(steps, round) as mocosfl_jax/train.py build makes it for the clients."""
-  import jax.numpy as jnp
+  """client_lr(steps, round) as the engine resolves it (optim.learning_rates)."""
+  from mocosfl_jax import config as config_lib
   from mocosfl_jax.sfl import optim
-  if kind == 'multistep':
-    per_step = per_round = optim.multistep(base, num_rounds, 0.2)
-  else:
-    per_step = optim.reference_client_cosine(base, num_rounds)
-    per_round = optim.cosine_per_epoch(base, num_rounds)
-  if client_schedule == 'per_client_step':
-    return lambda steps, rnd: per_step(steps)
-  return lambda steps, rnd: jnp.broadcast_to(per_round(rnd), steps.shape)
+  config = config_lib.default_config()
+  config.optim.client_lr, config.num_rounds = base, num_rounds
+  config.optim.schedule, config.optim.client_schedule = kind, client_schedule
+  return optim.learning_rates(config)[1]
 
 
 @pytest.mark.parametrize('kind,client_schedule', list(itertools.product(

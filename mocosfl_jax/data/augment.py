@@ -289,6 +289,13 @@ def apply_view_params(image, params: ViewParams, version: str, out_size: int):
   return jnp.where(params.flip, hflip(x), x)
 
 
+def resolve_version(moco_config) -> str:
+  """``moco.augmentation`` resolved: 'auto' is MoCo v1's for the V1 head, v2's otherwise."""
+  if moco_config.augmentation != 'auto':
+    return moco_config.augmentation
+  return 'mocov1' if moco_config.version == 'V1' else 'mocov2'
+
+
 def make_pair_augment(version: str, mean, std, out_size: int = 32, crop_scale=CROP_SCALE):
   """Builds the two-view augmentation of the reference's pair loaders.
 

@@ -10,15 +10,13 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from mocosfl_jax.data import sources
+from mocosfl_jax.data import augment, sources
 from mocosfl_jax.export import litert
 from mocosfl_jax.sfl import optim
 
 FORMAT_VERSION = 1
 INPUT = ('images: float32 (B, H, W, 3), RGB, values in [0, 1] (pixel / 255) before '
          'normalisation; the model subtracts the mean and divides by the std itself')
-# train.build's client MultiStepLR factor (spec 4.6).
-CLIENT_MULTISTEP_GAMMA = 0.2
 
 
 def ops(model: bytes) -> list[str]:
@@ -65,21 +63,18 @@ def optimizer(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       'momentum': o.momentum,
       'weight_decay': o.weight_decay,
-      'client_lr': o.lr if o.client_lr < 0 else o.client_lr,
+      'client_lr': optim.client_base_lr(o),
       'schedule': optim.schedule_kind(o.schedule, config.moco.version),
       'client_schedule': o.client_schedule,
       'num_rounds': config.num_rounds,
-      'multistep_gamma': CLIENT_MULTISTEP_GAMMA,
+      'multistep_gamma': optim.CLIENT_MULTISTEP_GAMMA,
       'ema_decay': config.moco.ema_decay,
   }
 
 
 def augmentation(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The views' augmentation as ``train.build`` resolves it."""
-  version = config.moco.augmentation
-  if version == 'auto':
-    version = 'mocov1' if config.moco.version == 'V1' else 'mocov2'
-  return {'version': version, 'crop_scale_min': config.moco.crop_scale_min}
+  return {'version': augment.resolve_version(config.moco), 'crop_scale_min': config.moco.crop_scale_min}
 
 
 def build(config: ml_collections.ConfigDict, model: bytes, *, batch: int, trainable: bool,

@@ -54,6 +54,34 @@ def multistep(base_lr: float, num_epochs: int, gamma: float):
   return optax.piecewise_constant_schedule(base_lr, scales)
 
 
+def client_base_lr(optim_config) -> float:
+  """The clients' base rate: ``optim.client_lr``, or the server's ``optim.lr`` when negative."""
+  return optim_config.lr if optim_config.client_lr < 0 else optim_config.client_lr
+
+
+# The reference's V1 multi-step factors (spec 4.6).
+SERVER_MULTISTEP_GAMMA, CLIENT_MULTISTEP_GAMMA = 0.1, 0.2
+
+
+def learning_rates(config):
+  """(server_lr(round), client_lr(client_steps, round)) as a config resolves them.
+
+  The one place that reads ``optim.schedule`` and ``optim.client_schedule``:
+  the engine trains with these, and the LiteRT export's sidecar describes them.
+  """
+  base, rounds = client_base_lr(config.optim), config.num_rounds
+  if schedule_kind(config.optim.schedule, config.moco.version) == 'multistep':
+    server_lr = multistep(config.optim.lr, rounds, SERVER_MULTISTEP_GAMMA)
+    per_step = per_round = multistep(base, rounds, CLIENT_MULTISTEP_GAMMA)
+  else:
+    server_lr = cosine_per_epoch(config.optim.lr, rounds)
+    per_step = reference_client_cosine(base, rounds)
+    per_round = cosine_per_epoch(base, rounds)
+  if config.optim.client_schedule == 'per_client_step':
+    return server_lr, lambda steps, rnd: per_step(steps)
+  return server_lr, lambda steps, rnd: jnp.broadcast_to(per_round(rnd), jnp.shape(steps))
+
+
 def reference_client_cosine(base_lr: float, num_epochs: int):
   """The reference's client schedule: a per-epoch cosine stepped after every client step.
 
