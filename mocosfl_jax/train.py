@@ -127,8 +127,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
   mean, std = sources.normalization(c.data.name, train.images)
   pair_augment = augment.make_pair_augment(augment.resolve_version(c.moco), mean, std,
-                                           c.model.image_size,
-                                          (c.moco.crop_scale_min, 1.0))
+                                           c.model.image_size, (c.moco.crop_scale_min, 1.0))
   train_step = step_lib.make_train_step(
       client_net, server_net, server_tx, client_tx, pair_augment,
       temperature=c.moco.temperature, ema_decay=c.moco.ema_decay,
