@@ -17,6 +17,7 @@ from mocosfl_jax import checkpoint
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import evaluate
 from mocosfl_jax.data import sources
+from mocosfl_jax.edge.client import EdgeClient
 from mocosfl_jax.edge.model import ClientModel
 from mocosfl_jax.evaluation import final
 from mocosfl_jax.export import __main__ as export_main
@@ -225,6 +226,31 @@ def test_set_weights_then_infer_is_the_jax_model_with_those_weights(exported, cu
   want = {**named('online', new_online), **named('ema', ema), **named('momentum', momentum)}
   assert sorted(got) == sorted(want)
   assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_edge_client_step_through_the_export_is_the_engines(exported):
+  """EdgeClient (views, EMA order, schedule) over the real LiteRT model, against the engine."""
+  config, (online, ema, momentum), path, _ = exported[2]
+  size = config.model.image_size
+  data = np.random.default_rng(5).integers(0, 256, (7, size, size, 3), dtype=np.uint8)
+  edge = EdgeClient(ClientModel(str(path)), data, seed=3, steps=5)
+  view1, view2 = edge.views(5)
+  query, key = edge.forward()
+  assert relative_error(query, engine_forward(config, online, view1)) < ONE_STEP
+  decay = config.moco.ema_decay
+  ema = optax.incremental_update(online, ema, 1.0 - decay)
+  assert relative_error(key, engine_forward(config, ema, view2)) < ONE_STEP
+  grad = np.random.default_rng(6).normal(size=query.shape).astype(np.float32)
+  lr = edge.apply_gradient(grad, round_index=3)
+  want_lr = float(optim.learning_rates(config)[1](jnp.asarray(5), 3))
+  assert lr == pytest.approx(want_lr, rel=1e-6)
+  want, _ = engine_client_update(config, online, engine_opt_state(config, online, momentum),
+                                 view1, grad, want_lr)
+  got = edge.get_weights()
+  update = jax.tree.map(lambda a, b: a - b, want, online)
+  assert relative_error({k: got[k] for k in named('online', want)},
+                        named('online', want), update) < ONE_STEP
+  assert edge.steps == 6
 
 
 def test_weight_names_are_the_flax_paths_under_three_groups(exported):
