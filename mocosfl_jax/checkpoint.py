@@ -157,6 +157,19 @@ def quiet_failed_reads() -> None:
   sys.unraisablehook = hook
 
 
+def _remove_unfinished_saves(directory: pathlib.Path) -> None:
+  """Deletes the folders of saves that a killed run left unfinished.
+
+  Done here rather than by orbax's ``cleanup_tmp_directories``: orbax runs
+  that in a background thread that only ``save`` waits for, not ``close``,
+  so a run that stopped before its first save (bad data, say) exited with
+  the thread still running, and it printed a traceback at interpreter
+  shutdown.
+  """
+  for unfinished in ocp.step.all_temporary_paths(directory):
+    shutil.rmtree(unfinished.get())
+
+
 class Checkpoints:
   """The checkpoints of one workdir: find, verify, restore and save them.
 
@@ -183,10 +196,9 @@ class Checkpoints:
     if fresh and self.directory.exists():
       log.warning('--fresh: deleting the checkpoints in %s', self.directory)
       shutil.rmtree(self.directory)
+    _remove_unfinished_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True,
-        # Folders of saves that a killed run left unfinished.
-        cleanup_tmp_directories=True)
+        max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
                                           item_names=('state', 'meta'))
 

@@ -9,15 +9,24 @@ config is the one recorded in the checkpoint; the probes use the same key as
 ``--checkpoint`` picks the models: ``all`` (the default, as ``train.run``
 does: the newest checkpoint and the best-kNN model), ``latest``, ``best`` or a
 round number. ``--probe_epochs`` overrides the config's ``eval.probe_epochs``.
-Nothing in the workdir is changed except evaluation.json. Errors the user can
-fix print one ``error:`` line and exit with status 1.
+Nothing in the workdir is changed except evaluation.json, whose folder is
+checked before anything runs; the table is printed before the file is written.
+Errors the user can fix print one ``error:`` line and exit with status 1;
+Ctrl-C stops at once with one line and status 130.
 """
 from __future__ import annotations
 
+from mocosfl_jax import cli
+
+if __name__ == '__main__':
+  # Before the imports below, which take seconds (JAX): see mocosfl_jax.main.
+  cli.stop_at_once_on_interrupt('stopped by SIGINT; evaluation.json is not written')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import logging
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -32,6 +41,7 @@ from mocosfl_jax import train
 from mocosfl_jax.config_checks import ConfigError
 from mocosfl_jax.data.sources import DataError
 from mocosfl_jax.evaluation import final
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 EVALUATION_FILENAME = 'evaluation.json'
 
@@ -73,7 +83,8 @@ def _selected_round(workdir: pathlib.Path, selection: str) -> int | None:
 
 
 def run(workdir: str | pathlib.Path, selection: str = 'all',
-        probe_epochs: int | None = None) -> dict:
+        probe_epochs: int | None = None,
+        show: Callable[[dict], None] | None = None) -> dict:
   """Evaluates the models of ``workdir`` and writes ``workdir/evaluation.json``.
 
   Args:
@@ -81,6 +92,8 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
     selection: 'all' (the newest checkpoint and the best-kNN model, as
       ``train.run`` evaluates them), 'latest', 'best' or a saved round.
     probe_epochs: epochs of every probe; None for the config's.
+    show: called with the result before the file is written, so that a
+      failed write loses nothing (the command line prints the table).
 
   Returns:
     ``final.final_evaluation``'s result, plus the selection; as written.
@@ -88,6 +101,8 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
   Raises:
     EvaluationError: no such workdir, no or no such checkpoint, an
       unreadable one, or probe_epochs below 1.
+    cli.OutputPathError: evaluation.json cannot be written; checked before
+      anything is evaluated.
     ConfigError: the recorded config fails today's checks.
     DataError: the run's data is missing or bad.
   """
@@ -96,6 +111,8 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise EvaluationError(f'no directory {workdir}')
+  output = workdir / EVALUATION_FILENAME
+  cli.check_output_file(output, str(output))
   round_ = _selected_round(workdir, selection)
   best = final.BestKnnModel(workdir)
   if round_ is None:
@@ -138,8 +155,17 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
   epochs = config.eval.probe_epochs if probe_epochs is None else probe_epochs
   evaluation = {'selection': selection,
                 **final.final_evaluation(exp, models, final.probe_key(config.seed), epochs)}
-  metrics_lib.write_json(workdir / EVALUATION_FILENAME, evaluation)
+  if show is not None:
+    show(evaluation)
+  try:
+    metrics_lib.write_json(output, evaluation)
+  except OSError as e:  # the folder changed since the check, or the disk is full
+    raise cli.OutputPathError(f'cannot write {output} ({e.strerror or e})') from e
   return evaluation
+
+
+def _print_table(evaluation: dict) -> None:
+  print(final.format_table(evaluation), flush=True)
 
 
 def main(argv):
@@ -148,11 +174,12 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('mocosfl_jax').setLevel(logging.INFO)
   try:
-    evaluation = run(flags.FLAGS.workdir, flags.FLAGS.checkpoint, flags.FLAGS.probe_epochs)
-  except (EvaluationError, ConfigError, DataError, checkpoint.CheckpointError) as e:
+    run(flags.FLAGS.workdir, flags.FLAGS.checkpoint, flags.FLAGS.probe_epochs,
+        show=_print_table)
+  except (EvaluationError, cli.OutputPathError, ConfigError, DataError,
+          checkpoint.CheckpointError) as e:
     # User errors are one line, not a traceback.
     sys.exit(f'error: {e}')
-  print(final.format_table(evaluation))
   print(f'written to {pathlib.Path(flags.FLAGS.workdir) / EVALUATION_FILENAME}')
 
 
@@ -164,4 +191,4 @@ if __name__ == '__main__':
                       'all (newest checkpoint and best-kNN model), latest, best or a round.')
   flags.DEFINE_integer('probe_epochs', None, 'Probe epochs; default: the config\'s.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,15 +4,28 @@ Fields are overridden with ``--config.field=value``. This module only parses
 flags; the run lives in :mod:`mocosfl_jax.train`.
 
 A workdir that holds checkpoints resumes from the newest readable one;
-``--fresh`` deletes them and starts over. SIGINT (Ctrl-C) and SIGTERM stop
-the run after the current round with a checkpoint; the exit status is then
-128 + the signal number (130 and 143), as a shell reports a run killed by that
-signal, so schedulers see an unfinished run. A second signal stops at once.
-Errors the user can fix (config, data, an incompatible checkpoint, a diverged
-run) print one ``error:`` line and exit with status 1.
+``--fresh`` deletes them and the earlier results and starts over. SIGINT
+(Ctrl-C) and SIGTERM stop the run after the current round with a checkpoint;
+the exit status is then 128 + the signal number (130 and 143), as a shell
+reports a run killed by that signal, so schedulers see an unfinished run. A
+second signal stops at once. Outside the rounds (start-up, final probes)
+Ctrl-C stops at once with one line and status 130. Errors the user can fix
+(flags, config file, config, data, a workdir that cannot be written, an
+incompatible checkpoint, a diverged run) print one ``error:`` line and exit
+with status 1.
 """
 from __future__ import annotations
 
+from mocosfl_jax import cli
+
+if __name__ == '__main__':
+  # Before the imports below, which take seconds (JAX): Ctrl-C at any moment
+  # of start-up ends the command with one line.
+  cli.stop_at_once_on_interrupt('stopped by SIGINT; run the same command again to resume '
+                                'from the newest checkpoint, if any')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
 import logging
 import sys
 
@@ -24,13 +37,14 @@ from mocosfl_jax import checkpoint
 from mocosfl_jax import train
 from mocosfl_jax.config_checks import ConfigError
 from mocosfl_jax.data.sources import DataError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Directory for metrics and checkpoints.')
 _FRESH = flags.DEFINE_bool('fresh', False,
-                           'Delete the checkpoints in --workdir and start over instead of '
-                           'resuming from them.')
+                           'Delete the checkpoints and earlier results in --workdir and '
+                           'start over instead of resuming.')
 
 
 def main(argv):
@@ -39,15 +53,17 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('mocosfl_jax').setLevel(logging.INFO)
   try:
+    cli.check_output_dir(_WORKDIR.value, f'--workdir={_WORKDIR.value}')
     train.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except checkpoint.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
-  except (ConfigError, DataError, checkpoint.CheckpointError, FloatingPointError) as e:
+  except (cli.OutputPathError, ConfigError, DataError, checkpoint.CheckpointError,
+          FloatingPointError) as e:
     # User errors are one line, not a traceback.
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag='config'))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import time
 from typing import Any, Iterator, Mapping
 import warnings
@@ -40,10 +40,16 @@ def _dumps(obj: Any, **kwargs) -> str:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` so that readers see the old or new file only."""
+  """Writes ``text`` to ``path`` so that readers see the old or new file only.
+
+  The file gets the usual mode (0644 under the usual umask 022), not
+  mkstemp's private 0600.
+  """
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp_path = tempfile.mkstemp(
-      dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  tmp_path = os.path.join(directory,
+                          f'.{os.path.basename(path)}.{secrets.token_hex(6)}.tmp')
+  # O_EXCL: a name taken (by chance) fails instead of being shared.
+  fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)

@@ -9,19 +9,31 @@ Each run is one line, labelled by its workdir name, in panels for the loss,
 the contrastive (InfoNCE top-1) accuracy and the kNN monitor accuracy, so runs
 compare in the same axes. The default output is ``WORKDIR/metrics.png`` for
 one run and ``./comparison.png`` for several.
+
+Mistakes (a run without metrics, an output file that cannot be written, a
+wrong argument) print one ``error:`` line and exit with status 1, as the other
+commands do; Ctrl-C stops at once with one line and status 130.
 """
 from __future__ import annotations
 
+from mocosfl_jax import cli
+
+if __name__ == '__main__':
+  # Before the imports below (matplotlib): see mocosfl_jax.main.
+  cli.stop_at_once_on_interrupt('stopped by SIGINT')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 # The object-oriented Figure API renders through Agg without pyplot, so no
 # display or global backend switch is needed.
 from matplotlib.figure import Figure
 
 from mocosfl_jax import metrics
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # (record key, panel title, marker). kNN accuracy is only logged on evaluation
 # rounds; markers show those few points as measurements, not a dense curve.
@@ -128,9 +140,16 @@ def _default_out_path(workdirs: Sequence[str]) -> str:
   return 'comparison.png'
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage mistakes as one ``error:`` line and status 1, not argparse's usage and 2."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(1, f'error: {message} (--help shows the usage)\n')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='python -m mocosfl_jax.plot',
       description='Plot loss and accuracies of MocoSFL training runs.')
   parser.add_argument('workdirs', nargs='+', metavar='DIR',
@@ -141,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--x', choices=('step', 'round'), default='step',
                       help='horizontal axis (default: step)')
   args = parser.parse_args(argv)
+  out_path = args.out or _default_out_path(args.workdirs)
   try:
     runs = _load_runs(args.workdirs)
-  except (FileNotFoundError, ValueError) as e:
+    cli.check_output_file(out_path, f'--out={out_path}' if args.out else
+                          f'the output {out_path} (pick another with --out)')
+  except (cli.OutputPathError, FileNotFoundError, ValueError) as e:
     # A wrong directory is a usage error, not a crash: one line, no traceback.
-    print(f'{parser.prog}: error: {e}', file=sys.stderr)
-    return 2
-  out_path = args.out or _default_out_path(args.workdirs)
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   _render(args.workdirs, runs, out_path, args.x)
   print(out_path)
   return 0

@@ -8,10 +8,12 @@ import sys
 import pytest
 
 from mocosfl_jax import checkpoint
+from mocosfl_jax import cli
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import evaluate
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import train
+from mocosfl_jax.evaluation import final
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
 PROBE_EPOCHS = 3
@@ -131,3 +133,28 @@ def test_command_line_prints_one_error_line_for_an_empty_workdir(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert lines[-1] == f'error: {tmp_path} holds no checkpoint (none in {tmp_path}/checkpoints)'
   assert not (tmp_path / evaluate.EVALUATION_FILENAME).exists()
+
+
+def test_evaluate_fails_before_any_work_when_it_cannot_write_its_file(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, 'build', lambda config: pytest.fail('built the experiment'))
+  (tmp_path / evaluate.EVALUATION_FILENAME).mkdir()
+  with pytest.raises(cli.OutputPathError, match='evaluation.json is a directory'):
+    evaluate.run(tmp_path)
+
+
+def test_evaluate_shows_the_results_before_writing_them(finished_run, tmp_path, monkeypatch):
+  workdir, _ = finished_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  # The probes are tested above; here only what happens to their results.
+  monkeypatch.setattr(final, 'final_evaluation',
+                      lambda *args, **kwargs: {'probes': 'results'})
+
+  def disk_full(path, obj):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(metrics_lib, 'write_json', disk_full)
+  shown = []
+  with pytest.raises(cli.OutputPathError, match='cannot write .*No space left on device'):
+    evaluate.run(copy, show=shown.append)
+  assert shown == [{'selection': 'all', 'probes': 'results'}]

@@ -113,13 +113,33 @@ def test_missing_directory_is_one_line_error(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'mocosfl_jax.plot', missing],
       capture_output=True, text=True, cwd=_REPO_ROOT, check=False)
-  assert result.returncode == 2
-  assert result.stderr.count('\n') == 1
-  assert missing in result.stderr
-  assert 'Traceback' not in result.stderr
+  # Status 1, as every other command's errors.
+  assert result.returncode == 1
+  assert result.stderr == f'error: no metrics file: {missing}/metrics.jsonl\n'
 
 
 def test_empty_metrics_file_is_an_error(tmp_path, capsys):
   workdir = _make_run(tmp_path / 'fresh', rounds=0)
-  assert plot.main([workdir]) == 2
-  assert 'fresh' in capsys.readouterr().err
+  assert plot.main([workdir]) == 1
+  assert capsys.readouterr().err == f'error: no metrics records in {workdir}\n'
+
+
+def test_an_output_that_cannot_be_written_is_an_error(tmp_path, capsys):
+  workdir = _make_run(tmp_path / 'run')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  assert plot.main([workdir, '--out', str(a_file / 'x.png')]) == 1
+  assert capsys.readouterr().err == (
+      f'error: --out={a_file}/x.png lies under {a_file}, which is a file\n')
+  assert plot.main([workdir, '--out', str(tmp_path / 'no' / 'x.png')]) == 1
+  assert capsys.readouterr().err == (
+      f'error: --out={tmp_path}/no/x.png: no directory {tmp_path}/no\n')
+
+
+def test_usage_mistakes_are_one_line_and_status_1(capsys):
+  with pytest.raises(SystemExit) as exited:
+    plot.main(['--x', 'time', 'run'])
+  assert exited.value.code == 1
+  assert capsys.readouterr().err == (
+      "error: argument --x: invalid choice: 'time' (choose from 'step', 'round') "
+      '(--help shows the usage)\n')
