@@ -52,7 +52,7 @@ class EvaluationError(ValueError):
   """A workdir that cannot be evaluated as asked; the message is one line."""
 
 
-def _read(path: pathlib.Path, **items) -> Any:
+def read_checkpoint(path: pathlib.Path, **items) -> Any:
   """Restores ``items`` (orbax restore args by item name) from a checkpoint folder."""
   try:
     checkpoint.quiet_failed_reads()
@@ -64,7 +64,7 @@ def _read(path: pathlib.Path, **items) -> Any:
                           'pick another with --checkpoint=ROUND') from e
 
 
-def _selected_round(workdir: pathlib.Path, selection: str) -> int | None:
+def selected_round(workdir: pathlib.Path, selection: str) -> int | None:
   """The round of the checkpoint that ``selection`` names; None for 'best'."""
   if selection == 'best':
     return None
@@ -113,7 +113,7 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
     raise EvaluationError(f'no directory {workdir}')
   output = workdir / EVALUATION_FILENAME
   cli.check_output_file(output, str(output))
-  round_ = _selected_round(workdir, selection)
+  round_ = selected_round(workdir, selection)
   best = final.BestKnnModel(workdir)
   if round_ is None:
     meta = best.meta()
@@ -121,7 +121,7 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
       raise EvaluationError(f'{workdir} holds no best-kNN model (none in {best.directory})')
   else:
     path = (workdir / checkpoint.CHECKPOINT_DIR / str(round_)).absolute()
-    meta = _read(path, meta=ocp.args.JsonRestore()).meta
+    meta = read_checkpoint(path, meta=ocp.args.JsonRestore()).meta
   # Fields added to the code after the run keep their defaults.
   config = config_lib.default_config()
   config.update(meta['config'])
@@ -132,7 +132,7 @@ def run(workdir: str | pathlib.Path, selection: str = 'all',
 
   models = {}
   if round_ is not None:
-    state = _read(path, state=ocp.args.StandardRestore(abstract_state)).state
+    state = read_checkpoint(path, state=ocp.args.StandardRestore(abstract_state)).state
     if selection in ('all', 'latest'):
       name = 'final'
       description = (f'final model (round {round_})' if round_ == config.num_rounds else

@@ -82,12 +82,12 @@ def load(workdir: str | pathlib.Path, selection: str = 'latest') -> Client:
     raise evaluate.EvaluationError(f'no directory {workdir}')
   if selection == 'all':
     raise evaluate.EvaluationError(f'--checkpoint=all: export one model; use {SELECTIONS}')
-  round_ = evaluate._selected_round(workdir, selection)  # pylint: disable=protected-access
+  round_ = evaluate.selected_round(workdir, selection)
   source = {'workdir': str(workdir.absolute()), 'checkpoint': selection}
   if round_ is None:
     return _load_best(workdir, source)
   path = (workdir / checkpoint.CHECKPOINT_DIR / str(round_)).absolute()
-  read = evaluate._read  # pylint: disable=protected-access
+  read = evaluate.read_checkpoint
   config = _config(read(path, meta=ocp.args.JsonRestore()).meta)
   state = read(path, state=ocp.args.StandardRestore(abstract_state(config))).state
   first = lambda tree: jax.tree.map(lambda x: np.asarray(x[0]), tree)
