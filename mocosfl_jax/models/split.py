@@ -5,41 +5,69 @@
 rest, global average pooling and the projection head. In the paper's naming,
 cut 1 is MocoSFL-1 (one conv on the client), cut 2 is MocoSFL-3 and cut 3 is
 MocoSFL-5 (spec section 0).
+
+``bottleneck`` (spec 1.5, ``bottleneck.py``) adds a compressing conv pair at the
+cut: the client's last layers and the server's first; '' leaves both models,
+and their parameter trees, exactly as without it.
 """
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mocosfl_jax.compilation import materialize
+from mocosfl_jax.models import bottleneck as bottleneck_lib
 from mocosfl_jax.models import heads, resnet
 
 PAPER_NAMES = {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}
 
 
+def smashed_channels(cut_layer: int, width: float) -> int:
+  """Channels of module ``cut_layer - 1``'s output: the smashed data without a bottleneck."""
+  # The stem (module 0) and modules 2s+1 and 2s+2 output stage s's channels.
+  return resnet.channels(width)[max(cut_layer - 2, 0) // 2]
+
+
+def smashed_hw(cut_layer: int, width: float, image_size: int) -> tuple[int, int]:
+  """Height and width of the smashed data without a bottleneck (shapes only, nothing runs)."""
+  net = ClientNet(cut_layer, width, image_size)
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  out = jax.eval_shape(lambda x: net.init_with_output(jax.random.key(0), x)[0], image)
+  return out.shape[1:3]
+
+
 class ClientNet(nn.Module):
-  """Modules ``[0, cut_layer)``; its output is the smashed data (after a ReLU)."""
+  """Modules ``[0, cut_layer)`` and the bottleneck's compression, if any.
+
+  Its output is the smashed data (after a ReLU unless the bottleneck has noRELU).
+  """
   cut_layer: int = 1
   width: float = 1.0
   image_size: int = 32
   weight_standardization: bool = True
   as_matmul: bool = False
+  bottleneck: str = ''
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.cut_layer):
       x = resnet.make_module(i, self.width, self.image_size,
                              self.weight_standardization, self.as_matmul)(x)
+    if self.bottleneck:
+      x = bottleneck_lib.Compress(self.bottleneck, self.as_matmul, name='bottleneck')(x)
     return x
 
 
 class ServerNet(nn.Module):
-  """Modules ``[cut_layer, 9)``, global average pooling and the MoCo head."""
+  """The bottleneck's decompression, if any, modules ``[cut_layer, 9)``, global
+  average pooling and the MoCo head."""
   cut_layer: int = 1
   width: float = 1.0
   moco_version: str = 'V2'
   image_size: int = 32
   weight_standardization: bool = True
+  bottleneck: str = ''
 
   @nn.compact
   def __call__(self, smashed, train: bool = True, features_only: bool = False, mask=None):
@@ -47,6 +75,9 @@ class ServerNet(nn.Module):
     # The smashed data's GroupNorm chain would otherwise be recomputed inside the
     # first kernel gradient's transpose (compilation.materialize).
     x = materialize(smashed)
+    if self.bottleneck:
+      x = bottleneck_lib.Decompress(self.bottleneck, smashed_channels(self.cut_layer, self.width),
+                                    name='bottleneck')(x)
     for i in range(self.cut_layer, resnet.NUM_MODULES):
       x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization)(x)
     features = jnp.mean(x, axis=(1, 2))
@@ -59,7 +90,7 @@ def build(config, as_matmul: bool = False) -> tuple[ClientNet, ServerNet]:
   """The client and server modules for a config's model fields."""
   m = config.model
   client = ClientNet(config.cut_layer, m.width, m.image_size, m.weight_standardization,
-                     as_matmul)
+                     as_matmul, m.bottleneck)
   server = ServerNet(config.cut_layer, m.width, config.moco.version, m.image_size,
-                     m.weight_standardization)
+                     m.weight_standardization, m.bottleneck)
   return client, server
