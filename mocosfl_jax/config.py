@@ -55,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
                                # training and evaluation alike, and crops to it when augmented
   c.model.weight_standardization = True  # WS on block convs (the stem always has it)
   c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
+  c.model.bottleneck = ''      # '' (off) or [K<k>]C<c>[S<s>][noRELU]: a conv pair at the cut that
+                               # compresses the smashed data to c channels and H/s x W/s (spec 1.5;
+                               # C4S2 in the TAResSFL scripts)
 
   c.moco = ml_collections.ConfigDict()
   c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2
@@ -86,6 +89,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 500      # images per forward pass when computing features
   c.eval.final_probes = False  # run the linear and MLP probes at the end of training
   c.eval.probe_epochs = 100    # epochs of the final probes
+
+  # The model-inversion attack (spec 6.1; python -m mocosfl_jax.attack).
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.attack_at_end = False  # attack the final client when training ends (attack.json and
+                                   # attack.png in the workdir, the metrics in summary.json)
+  c.privacy.attack_data_fraction = 0.01  # the attacker's (smashed, image) pairs: this seeded
+                                         # fraction of the training set (at least 2 images)
+  c.privacy.attack_val_fraction = 0.1  # of those pairs held out: the epoch of lowest MSE is kept
+  c.privacy.attack_epochs = 50       # decoder training epochs
+  c.privacy.attack_batch_size = 32   # decoder training batch
+  c.privacy.attack_lr = 1e-3         # Adam's learning rate
+  c.privacy.attack_channels = 64     # the decoder's width (res_normN4C64: 64)
+  c.privacy.attack_test_images = 128  # the seeded test images the attack is scored on
+  c.privacy.attack_seed = 123        # draws the pairs, the hold-out and the test images and
+                                     # initialises the decoder (the reference's shuffle seed)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10      # rounds between checkpoints (and one at the end)

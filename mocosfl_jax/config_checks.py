@@ -16,7 +16,7 @@ import numpy as np
 
 from mocosfl_jax import config as config_lib
 from mocosfl_jax.data import augment, partition, sources
-from mocosfl_jax.models import heads, resnet
+from mocosfl_jax.models import bottleneck, heads, resnet, split
 from mocosfl_jax.sfl import moco, optim, rounds
 
 
@@ -149,11 +149,25 @@ def _check_values(c: dict[str, Any]) -> None:
       'eval.probe_epochs': at_least(1),
       'checkpoint.every': at_least(1),
       'checkpoint.keep': at_least(1),
+      'privacy.attack_data_fraction': unit,
+      'privacy.attack_val_fraction': (lambda v: 0 < v < 1, 'must be in (0, 1)'),
+      'privacy.attack_epochs': at_least(1),
+      'privacy.attack_batch_size': at_least(1),
+      'privacy.attack_lr': positive,
+      'privacy.attack_channels': at_least(1),
+      'privacy.attack_test_images': at_least(1),
+      'privacy.attack_seed': at_least(0),
   }
   for name, (ok, allowed) in ranges.items():
     _rule(name, c[name], ok(c[name]), allowed)
   width_problem = resnet.width_problem(c['model.width'])
   _rule('model.width', c['model.width'], not width_problem, width_problem)
+  option = c['model.bottleneck']
+  _rule('model.bottleneck', option, not bottleneck.problem(option), bottleneck.problem(option))
+  if option:
+    hw = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'])
+    shape_problem = bottleneck.shape_problem(option, hw)
+    _rule('model.bottleneck', option, not shape_problem, shape_problem)
   # The name picks the normalisation statistics, so digits' must not reach
   # other images unnoticed, nor another dataset's reach the digits.
   if c['data.source'] == 'digits':

@@ -28,6 +28,7 @@ from mocosfl_jax import overhead
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.evaluation import features, final
 from mocosfl_jax.models import split
+from mocosfl_jax.privacy import attack as privacy_attack
 from mocosfl_jax.sfl import moco, optim, rounds, state as state_lib, step as step_lib
 
 log = logging.getLogger('mocosfl_jax')
@@ -209,11 +210,11 @@ def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnn
 # ---------------------------------------------------------------------------
 
 # The files of a run's results, other than TensorBoard's event files and the
-# best-kNN model: the metrics, the summary, evaluate's evaluation.json and
-# plot's default PNG. partition.json is not one: every start rewrites it from
-# the config.
+# best-kNN model: the metrics, the summary, evaluate's evaluation.json,
+# plot's default PNG and the attack's files. partition.json is not one: every
+# start rewrites it from the config.
 RESULT_FILES = (metrics_lib.METRICS_FILENAME, 'summary.json', 'evaluation.json',
-                'metrics.png')
+                'metrics.png', privacy_attack.RESULT_FILENAME, privacy_attack.IMAGE_FILENAME)
 
 
 def earlier_results(workdir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -281,11 +282,15 @@ def describe_table(info: dict) -> str:
                   f'batch {info["batch_size"]} each'),
       ('schedule', f'{info["rounds"]:,} rounds x {info["steps_per_round"]:,} steps = '
                    f'{info["total_steps"]:,} steps'),
-      ('cut', f'layer {info["cut_layer"]} ({info["paper_name"]}), smashed data '
+      ('cut', f'layer {info["cut_layer"]} ({info["paper_name"]})'
+              + (f' + {info["bottleneck"]} bottleneck, smashed ' if info.get('bottleneck')
+                 else ', smashed data ')
               + 'x'.join(str(n) for n in info['smashed_shape']) + ' an image'),
       ('parameters', f'client {info["client_params"]:,}, server {info["server_params"]:,}'),
       ('traffic', f'{comm["total_mb"]:,.1f} MB a client over the run, estimated '
                   f'({comm["upload_mb"]:,.1f} up, {comm["download_mb"]:,.1f} down)'),
+      *([('client cost', overhead.compute_line(info['client_compute']))]
+        if 'client_compute' in info else []),
       ('data', f'{info["train_samples"]:,} training, {info["test_samples"]:,} test images'),
   ]
   width = max(len(name) for name, _ in rows)
@@ -439,11 +444,6 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
   image = jnp.zeros((1, c.model.image_size, c.model.image_size, 3))
   smashed = jax.eval_shape(exp.client_net.apply, {'params': client0}, image)
   client_params = state_lib.count_params(client0)
-  comm = overhead.communication_per_client(
-      rounds=c.num_rounds, pool_size=exp.pool_size, num_clients=c.num_clients,
-      steps_per_round=exp.steps_per_round, batch_size=c.batch_size,
-      smashed_floats=math.prod(smashed.shape[1:]), client_params=client_params,
-      sync_every=c.sync_every)
   return {
       'devices': [str(d) for d in jax.devices()],
       'client_impl': exp.client_impl,
@@ -458,7 +458,10 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
       'client_params': client_params,
       'server_params': state_lib.count_params(state.server['params']),
       'smashed_shape': list(smashed.shape[1:]),
-      'communication_per_client_mb': comm,
+      'bottleneck': c.model.bottleneck,
+      # communication_per_client_mb and client_compute
+      **overhead.per_client(c, exp.client_net, exp.client_tx, pool_size=exp.pool_size,
+                            steps_per_round=exp.steps_per_round),
       'train_samples': len(exp.train),
       'test_samples': len(exp.test),
   }
@@ -623,6 +626,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if stop:
         checkpoints.wait()
         raise checkpoint.Interrupted(signals.signum, rounds_done)
+  # Ctrl-C from here on stops at once (cli.stop_at_once_on_interrupt): the
+  # last round's checkpoint must have landed by then.
+  checkpoints.wait()
 
   initial_knn = knn_history[0][1]
   steps = c.num_rounds * exp.steps_per_round
@@ -651,6 +657,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if c.eval.final_probes:
     summary['probes'] = final_probes(exp, state, best, knn_history, abstract_state,
                                      data.images, test_images)
+  if c.privacy.attack_at_end:
+    # Also writes attack.json and attack.png (python -m mocosfl_jax.attack).
+    summary['attack'] = privacy_attack.at_end(exp, state, workdir)
   metrics_lib.write_json(workdir / 'summary.json', summary)
   print(closing_block(summary, workdir / 'summary.json'), flush=True)
   return summary
