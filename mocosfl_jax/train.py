@@ -323,6 +323,10 @@ def closing_block(summary: dict, summary_path: str | pathlib.Path) -> str:
   if 'probes' in summary:
     lines.append(f'  probes ({summary["probes"]["probe_epochs"]} epochs, accuracy %)')
     lines += ['    ' + line for line in final.format_table(summary['probes']).splitlines()]
+  if 'attack' in summary:
+    m = summary['attack']['metrics']
+    lines.append(f'  model-inversion attack: MSE {m["mse"]:.4f}, SSIM {m["ssim"]:.3f}, '
+                 f'PSNR {m["psnr"]:.2f} dB')
   lines.append(f'  summary: {summary_path}')
   return '\n'.join(lines)
 

@@ -109,6 +109,11 @@ def test_closing_block_says_what_the_run_gave_and_where_its_summary_is():
                        'reference_numbers': headline, 'honest_numbers': None}
   block = train.closing_block(summary, '/runs/cpu/summary.json')
   assert 'probes (100 epochs' in block and '35.60 / 38.20' in block
+  assert 'attack' not in block
+  summary['attack'] = {'metrics': {'mse': 0.0412, 'ssim': 0.512, 'ssim_valid': 0.3,
+                                   'psnr': 13.85}}
+  block = train.closing_block(summary, '/runs/cpu/summary.json')
+  assert 'MSE 0.0412, SSIM 0.512, PSNR 13.85 dB' in block
   assert block.splitlines()[-1].endswith('/runs/cpu/summary.json')
 
 
