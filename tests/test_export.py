@@ -26,7 +26,7 @@ from mocosfl_jax.export import export_client, litert, sidecar
 from mocosfl_jax.export import workdir as workdir_lib
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import optim
-from test_evaluate import tiny_config
+import tiny
 
 BATCH = 2
 CUTS = (1, 2)
@@ -357,7 +357,7 @@ def test_a_missing_export_extra_is_one_line_naming_it(monkeypatch):
 def run_workdir(tmp_path_factory):
   """A workdir with a round-3 checkpoint of random clients and a best-kNN model of round 2."""
   workdir = tmp_path_factory.mktemp('run')
-  config = config_lib.resolved(tiny_config())
+  config = config_lib.resolved(tiny.config())
   # Random values of the run's state shapes: a real checkpoint without compiling an init.
   abstract = jax.eval_shape(workdir_lib.init_state(config), jax.random.key(0))
   rng = np.random.default_rng(0)
