@@ -1,6 +1,7 @@
 """Final evaluations: the probes in summary.json and the evaluate command."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,39 +16,20 @@ from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import train
 from mocosfl_jax.evaluation import final
 
+import tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
-PROBE_EPOCHS = 3
-NUM_ROUNDS = 4
+NUM_ROUNDS, PROBE_EPOCHS = tiny.NUM_ROUNDS, tiny.PROBE_EPOCHS
 PROBES = ('linear', 'mlp_10pct', 'mlp_1pct')
 
 
-def tiny_config():
-  c = config_lib.default_config()
-  c.num_clients = 10
-  c.noniid_ratio = 0.2
-  c.batch_size = 2
-  c.cut_layer = 1
-  c.num_rounds = NUM_ROUNDS
-  c.steps_per_round = 2
-  c.sync_every = 2
-  c.data.source = 'digits'
-  c.data.name = 'digits'
-  c.model.width = 0.0625
-  c.moco.queue_size = 64
-  c.eval.every = 2
-  c.eval.knn_k = 10
-  c.eval.final_probes = True
-  c.eval.probe_epochs = PROBE_EPOCHS
-  c.checkpoint.every = 1
-  c.log_every = 1
-  return c
-
-
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
-  """A finished tiny digits run with its probes: (workdir, summary)."""
-  workdir = tmp_path_factory.mktemp('run')
-  return workdir, train.run(tiny_config(), str(workdir))
+@pytest.fixture
+def finished_run(tiny_run, tmp_path):
+  """A copy of the session's finished tiny run with its probes: (workdir, summary)."""
+  workdir, summary = tiny_run
+  copy = tmp_path / 'tiny_run'
+  shutil.copytree(workdir, copy)
+  return copy, summary
 
 
 def test_summary_reports_the_probes_of_the_final_and_best_knn_models(finished_run):
@@ -108,7 +90,8 @@ def test_evaluate_rejects_missing_and_unreadable_checkpoints(finished_run, tmp_p
   workdir, _ = finished_run
   with pytest.raises(evaluate.EvaluationError, match='no directory'):
     evaluate.run(tmp_path / 'absent')
-  with pytest.raises(evaluate.EvaluationError, match=r'saved rounds \[2, 3, 4\]'):
+  kept = list(range(NUM_ROUNDS - 2, NUM_ROUNDS + 1))   # checkpoint.keep = 3
+  with pytest.raises(evaluate.EvaluationError, match=re.escape(f'saved rounds {kept}')):
     evaluate.run(workdir, '1')
   with pytest.raises(evaluate.EvaluationError, match='no best-kNN model'):
     evaluate.run(tmp_path, 'best')

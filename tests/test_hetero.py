@@ -14,6 +14,7 @@ from mocosfl_jax.models import resnet, split
 from mocosfl_jax.sfl import moco, optim, rounds, state as state_lib, step as step_lib
 from mocosfl_jax.sfl.state import Clients, SimState
 
+import tiny
 import twins
 
 SIZE, WIDTH = 8, 0.0625
@@ -294,7 +295,9 @@ def test_each_client_needs_its_own_batch_of_data():
     config_checks.validate(config, samples_per_client=[8, 8] + [2] * 7 + [1])
 
 
-@pytest.mark.parametrize('feature_sharing, queue_size', [(True, 128), (False, 160)])
+# The shared queue at its least, 64 keys, the tiny run's (tiny.py); a queue
+# per client at its least, 16 keys a client.
+@pytest.mark.parametrize('feature_sharing, queue_size', [(True, 64), (False, 160)])
 def test_hetero_run_completes(tmp_path, monkeypatch, feature_sharing, queue_size):
   built = {}
   for module, name in ((step_lib, 'make_train_step'), (rounds, 'make_round')):
@@ -302,15 +305,12 @@ def test_hetero_run_completes(tmp_path, monkeypatch, feature_sharing, queue_size
       built[_name] = kwargs
       return _make(*args, **kwargs)
     monkeypatch.setattr(module, name, record)
-  config = hetero_config(moco__queue_size=queue_size, moco__feature_sharing=feature_sharing)
-  config.data.source = config.data.name = 'digits'
-  config.num_rounds = 2
-  config.steps_per_round = 2   # compiling dominates; test_steps_per_round_... covers the rule
-  config.sync_every = 2
-  config.model.width = WIDTH
-  config.moco.version = 'smallV2'
-  config.eval.knn_k = 10
-  config.eval.final_probes = False
+  # The tiny run's model, data and kNN settings: only the ragged rounds' programs
+  # compile, the rest load from the session's cache. IID data, as hetero_config's.
+  # Two steps a round: compiling dominates; test_steps_per_round_... covers the rule.
+  config = tiny.config(**{
+      'noniid_ratio': 1.0, 'num_rounds': 2, 'data.hetero': hetero_config().data.hetero,
+      'moco.queue_size': queue_size, 'moco.feature_sharing': feature_sharing})
   summary = train.run(config, str(tmp_path))
   assert summary['steps'] == 4
   # The engine got the partition's multipliers, and a server batch for all

@@ -2,7 +2,9 @@
 
 Reproducibility, exact resume after SIGTERM and SIGKILL, a corrupt newest
 checkpoint, --fresh, the command line's errors and a diverging run. Every
-run shares one persistent compilation cache, so only the first compiles.
+run is of the tiny config (tiny.py), whose programs the session's persistent
+compilation cache (conftest.py) holds after the first, in this process and in
+the command lines it starts.
 """
 import dataclasses
 import json
@@ -16,7 +18,6 @@ import sys
 import time
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,65 +25,31 @@ import pytest
 
 import mocosfl_jax
 from mocosfl_jax import checkpoint
-from mocosfl_jax import config as config_lib
 from mocosfl_jax import metrics
 from mocosfl_jax import train
+
+import tiny
 
 # A failed read must not spill its other arrays' errors (checkpoint.quiet_failed_reads).
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 
-# Rounds 6 to 8 leave the SIGKILL below a window of several seconds on a busy machine.
-NUM_ROUNDS = 8
-# Ten clients of the digits data, a 1/16-width ResNet-18 and a few steps:
-# compiling is most of the cost.
-OVERRIDES = {
-    'num_clients': 10, 'noniid_ratio': 0.2, 'batch_size': 2, 'cut_layer': 1,
-    'num_rounds': NUM_ROUNDS, 'steps_per_round': 2, 'sync_every': 2,
-    'data.source': 'digits', 'data.name': 'digits',
-    'model.width': 0.0625, 'moco.queue_size': 64,
-    'eval.every': 3, 'eval.knn_k': 10, 'eval.final_probes': False,
-    'checkpoint.every': 1, 'log_every': 1,
-}
+NUM_ROUNDS = tiny.NUM_ROUNDS
 CONFIG_FILE = f"""from mocosfl_jax import config
 
 
 def get_config():
   c = config.default_config()
-  c.update_from_flattened_dict({OVERRIDES!r})
+  c.update_from_flattened_dict({tiny.OVERRIDES!r})
   return c
 """
 # How long a subprocess may take to reach the state a test waits for.
 DEADLINE_S = 300
 
 
-def _config():
-  config = config_lib.default_config()
-  config.update_from_flattened_dict(OVERRIDES)
-  return config
-
-
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs, in-process and not."""
-  path = str(tmp_path_factory.mktemp('compilation_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
-  previous = [getattr(jax.config, name) for name in names]
-  jax.config.update(names[0], path)
-  jax.config.update(names[1], 0)
-  yield path
-  for name, value in zip(names, previous):
-    jax.config.update(name, value)
-  # Forgets the cache object, which would otherwise keep writing to `path`.
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def reference(compile_cache, tmp_path_factory):
-  """The workdir of an uninterrupted run."""
-  del compile_cache
-  workdir = tmp_path_factory.mktemp('reference')
-  train.run(_config(), workdir)
-  return workdir
+@pytest.fixture
+def reference(tiny_run):
+  """The workdir of an uninterrupted run (with probes, which change none of what is compared)."""
+  return tiny_run[0]
 
 
 def _records(workdir):
@@ -136,19 +103,17 @@ def test_same_config_and_seed_reproduce_metrics_and_parameters(reference, tmp_pa
   shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
   _edit_saved_config(tmp_path, seed=1)
   with pytest.raises(checkpoint.CheckpointError, match=r'different config: seed 1 -> 0\.'):
-    train.run(_config(), tmp_path)
-  train.run(_config(), tmp_path, fresh=True)
+    train.run(tiny.config(), tmp_path)
+  train.run(tiny.config(), tmp_path, fresh=True)
   _assert_same_run(tmp_path, reference)
 
 
-def _environment(compile_cache):
-  return {**os.environ,
-          'PYTHONPATH': str(pathlib.Path(mocosfl_jax.__file__).parent.parent),
-          'JAX_COMPILATION_CACHE_DIR': compile_cache,
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+def _environment():
+  """The session's, which names its compilation cache, and this checkout's package."""
+  return {**os.environ, 'PYTHONPATH': str(pathlib.Path(mocosfl_jax.__file__).parent.parent)}
 
 
-def _start(tmp_path, workdir, compile_cache, name, *flags):
+def _start(tmp_path, workdir, name, *flags):
   """Starts the command line on the tiny config; output goes to ``tmp_path/name.log``."""
   config_file = tmp_path / 'tiny.py'
   config_file.write_text(CONFIG_FILE)
@@ -156,7 +121,7 @@ def _start(tmp_path, workdir, compile_cache, name, *flags):
   command = [sys.executable, '-m', 'mocosfl_jax.main', f'--config={config_file}',
              f'--workdir={workdir}', *flags]
   process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                             env=_environment(compile_cache), cwd=tmp_path)
+                             env=_environment(), cwd=tmp_path)
   log.close()
   return process
 
@@ -185,13 +150,13 @@ def _last_record_round(workdir):
 
 
 def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
-    reference, compile_cache, tmp_path, caplog):
+    reference, tmp_path, caplog):
   workdir = tmp_path / 'run'
   checkpoints = workdir / checkpoint.CHECKPOINT_DIR
 
   # SIGTERM once round 0 is logged, during round 1. With checkpoints due only
   # every 5 rounds, the checkpoint it leaves is the one the signal asks for.
-  first = _start(tmp_path, workdir, compile_cache, 'sigterm', '--config.checkpoint.every=5')
+  first = _start(tmp_path, workdir, 'sigterm', '--config.checkpoint.every=5')
   _wait_until(first, lambda: _last_record_round(workdir) >= 0, 'round 0')
   first.send_signal(signal.SIGTERM)
   assert first.wait(DEADLINE_S) == 128 + signal.SIGTERM
@@ -206,7 +171,7 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
 
   # Resumed with checkpoints every 2 rounds, so that its metrics run ahead of
   # its checkpoints: SIGKILL once round 5 is logged and 4 saved, in round 6 or later.
-  second = _start(tmp_path, workdir, compile_cache, 'sigkill', '--config.checkpoint.every=2')
+  second = _start(tmp_path, workdir, 'sigkill', '--config.checkpoint.every=2')
   _wait_until(second, lambda: _last_record_round(workdir) >= 5 and (checkpoints / '4').exists(),
               'round 5')
   second.kill()
@@ -222,7 +187,7 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
   for file in (checkpoints / str(newest) / 'state').rglob('d/*'):
     file.write_bytes(file.read_bytes()[:10])
   with caplog.at_level(logging.INFO, logger='mocosfl_jax'):
-    train.run(_config(), workdir)
+    train.run(tiny.config(), workdir)
   assert f'checkpoint of round {newest} is unreadable' in caplog.text
   assert f'resuming from the checkpoint of round {previous}' in caplog.text
   (set_aside,) = (workdir / checkpoint.CORRUPT_DIR).iterdir()
@@ -236,8 +201,8 @@ def test_resume_after_sigterm_sigkill_and_corruption_matches_uninterrupted_run(
   assert summary['timed_rounds'] == NUM_ROUNDS - processes
 
 
-def _cli(tmp_path, workdir, compile_cache, *flags):
-  process = _start(tmp_path, workdir, compile_cache, 'cli', *flags)
+def _cli(tmp_path, workdir, *flags):
+  process = _start(tmp_path, workdir, 'cli', *flags)
   status = process.wait(DEADLINE_S)
   return status, (tmp_path / 'cli.log').read_text()
 
@@ -250,19 +215,19 @@ def _assert_one_error_line(output, *parts):
     assert part in errors[0]
 
 
-def test_cli_refuses_a_checkpoint_of_another_config(reference, compile_cache, tmp_path):
+def test_cli_refuses_a_checkpoint_of_another_config(reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference / checkpoint.CHECKPOINT_DIR / str(NUM_ROUNDS),
                   workdir / checkpoint.CHECKPOINT_DIR / str(NUM_ROUNDS))
-  status, output = _cli(tmp_path, workdir, compile_cache, '--config.moco.temperature=0.2')
+  status, output = _cli(tmp_path, workdir, '--config.moco.temperature=0.2')
   assert status == 1
   _assert_one_error_line(output, f'(round {NUM_ROUNDS}) of a different config',
                          'moco.temperature 0.1 -> 0.2', '--fresh')
   assert _checkpoint_rounds(workdir) == [NUM_ROUNDS]
 
 
-def test_cli_rejects_a_bad_config_value(compile_cache, tmp_path):
-  status, output = _cli(tmp_path, tmp_path / 'run', compile_cache, '--config.num_clients=0')
+def test_cli_rejects_a_bad_config_value(tmp_path):
+  status, output = _cli(tmp_path, tmp_path / 'run', '--config.num_clients=0')
   assert status == 1
   _assert_one_error_line(output, 'num_clients')
   assert not (tmp_path / 'run').exists()
@@ -291,7 +256,7 @@ def test_non_finite_state_stops_the_run_and_keeps_the_checkpoints(
 
   monkeypatch.setattr(train, 'build', diverging_build)
   with pytest.raises(FloatingPointError) as error:
-    train.run(_config(), tmp_path)
+    train.run(tiny.config(), tmp_path)
   assert str(error.value) == (
       f'non-finite parameters in round {resumed + 1} '
       f'(steps {2 * resumed + 1}-{2 * resumed + 2}); the checkpoint of round {resumed} is kept')

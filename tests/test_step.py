@@ -1,17 +1,19 @@
 """The vmapped MocoSFL step against its per-client Python loop twin (tests/twins.py)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mocosfl_jax.models import split
-from mocosfl_jax.sfl import moco, optim, state as state_lib, step as step_lib
+from mocosfl_jax.sfl import optim, state as state_lib, step as step_lib
 
 import twins
 
 N_POOL, BATCH, SIZE, QUEUE = 3, 2, 8, 16   # 2nB = 12 keys per step: step 2 wraps the queue
 LR, MOMENTUM, WD, T, TAU, ROUNDS = 0.05, 0.9, 5e-4, 0.1, 0.99, 7
+TX = optim.sgd(MOMENTUM, WD)
 
 
 def fixed_views(key, images):
@@ -21,20 +23,26 @@ def fixed_views(key, images):
 
 
 def build(cut_layer, impl):
+  """(the engine's client, the server, the twin's client).
+
+  The twin's client runs native convolutions whatever the engine uses: the same
+  parameters, an independent formulation, and one twin program per cut layer.
+  """
   client = split.ClientNet(cut_layer, width=0.125, as_matmul=impl == 'matmul')
   server = split.ServerNet(cut_layer, width=0.125, moco_version='smallV2')
-  return client, server
+  return client, server, split.ClientNet(cut_layer, width=0.125)
 
 
 def make_engine(client, server, impl, symmetric=True):
-  tx = optim.sgd(MOMENTUM, WD)
   train_step = step_lib.make_train_step(
-      client, server, tx, tx, fixed_views, temperature=T, ema_decay=TAU,
+      client, server, TX, TX, fixed_views, temperature=T, ema_decay=TAU,
       client_impl='map' if impl == 'map' else 'vmap',
       server_lr=optim.cosine_per_epoch(LR, ROUNDS),
       client_lr=lambda steps, rnd: optim.reference_client_cosine(LR, ROUNDS)(steps),
       symmetric=symmetric)
-  return tx, jax.jit(train_step)
+  # Unoptimised: it runs twice, so compiling it fully optimised would cost
+  # more than it saves; optimisations must not change its results anyway.
+  return twins.quick_jit(train_step)
 
 
 def unstack(tree, n):
@@ -46,27 +54,43 @@ def assert_close(a, b, what):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-9, atol=1e-11, err_msg=what)
 
 
-@pytest.mark.parametrize('cut_layer,impl,symmetric', [
-    (1, 'vmap', True), (1, 'map', True), (2, 'matmul', True), (2, 'map', True),
-    (1, 'vmap', False)])
-def test_vmapped_step_equals_per_client_loop(cut_layer, impl, symmetric):
-  with jax.enable_x64(True):
-    client, server = build(cut_layer, impl)
-    tx, train_step = make_engine(client, server, impl, symmetric)
-    state = state_lib.init_state(jax.random.key(0), client, server, tx, tx,
-                                 num_clients=N_POOL, image_size=SIZE, queue_size=QUEUE,
-                                 feature_sharing=True)
+@functools.cache
+def initial_state(cut_layer):
+  """A float64 pool state with distinct clients, EMAs and schedule positions, so a
+  mixed-up row shows; the same for every client implementation of a cut layer."""
+  _, server, client = build(cut_layer, 'vmap')
+
+  def init(key):
+    state = state_lib.init_state(key, client, server, TX, TX, num_clients=N_POOL,
+                                 image_size=SIZE, queue_size=QUEUE, feature_sharing=True)
     state = jax.tree.map(
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    # Distinct clients, EMAs and schedule positions, so a mixed-up row shows.
     noise = lambda k, t: jax.tree.map(
         lambda x: x + 0.05 * jax.random.normal(k, x.shape, x.dtype), t)
     clients = state.clients.replace(
         online=noise(jax.random.key(1), state.clients.online),
         ema=noise(jax.random.key(2), state.clients.ema),
         steps=jnp.array([0, 3, 9], jnp.int32))
-    state = state.replace(clients=clients, round=jnp.array(2, jnp.int32),
-                          server_ema=noise(jax.random.key(3), state.server_ema))
+    return state.replace(clients=clients, round=jnp.array(2, jnp.int32),
+                         server_ema=noise(jax.random.key(3), state.server_ema))
+  # One compiled program: run eagerly, every random draw of every parameter
+  # shape compiled on its own, most of this test's time when it did.
+  with jax.enable_x64(True):
+    return twins.quick_jit(init)(jax.random.key(0))
+
+
+# Each cut layer, client implementation and loss form is in some case: cut 1
+# and 2; vmap, map and vmap over the matmul form; symmetric and asymmetric.
+# The loss form changes the server's side only, so it need not meet every
+# client implementation.
+@pytest.mark.parametrize('cut_layer,impl,symmetric', [
+    (1, 'vmap', True), (1, 'map', False), (2, 'matmul', True), (2, 'map', True)])
+def test_vmapped_step_equals_per_client_loop(cut_layer, impl, symmetric):
+  with jax.enable_x64(True):
+    client, server, twin_client = build(cut_layer, impl)
+    train_step = make_engine(client, server, impl, symmetric)
+    state = initial_state(cut_layer)
+    clients = state.clients
 
     twin = dict(online=unstack(clients.online, N_POOL), ema=unstack(clients.ema, N_POOL),
                 bufs=[jax.tree.map(jnp.zeros_like, p) for p in unstack(clients.online, N_POOL)],
@@ -79,11 +103,11 @@ def test_vmapped_step_equals_per_client_loop(cut_layer, impl, symmetric):
       images = jnp.asarray(rng.integers(0, 256, (N_POOL, BATCH, SIZE, SIZE, 3), np.uint8))
       state, metrics = train_step(state, images, jax.random.key(step))
       twin_out = twins.twin_step(
-          client, server, fixed_views(None, images), online=twin['online'], ema=twin['ema'],
-          bufs=twin['bufs'], client_steps=twin['client_steps'], server=twin['server'],
-          server_ema=twin['server_ema'], server_buf=twin['server_buf'], queue=twin['queue'],
-          ptr=twin['ptr'], round_index=2, num_rounds=ROUNDS, lr=LR, momentum=MOMENTUM,
-          weight_decay=WD, temperature=T, tau=TAU, symmetric=symmetric)
+          twin_client, server, fixed_views(None, images), online=twin['online'],
+          ema=twin['ema'], bufs=twin['bufs'], client_steps=twin['client_steps'],
+          server=twin['server'], server_ema=twin['server_ema'], server_buf=twin['server_buf'],
+          queue=twin['queue'], ptr=twin['ptr'], round_index=2, num_rounds=ROUNDS, lr=LR,
+          momentum=MOMENTUM, weight_decay=WD, temperature=T, tau=TAU, symmetric=symmetric)
       twin.update(twin_out)
 
       np.testing.assert_allclose(float(metrics['loss']), twin['loss'], rtol=1e-10)
@@ -105,16 +129,26 @@ def test_vmapped_step_equals_per_client_loop(cut_layer, impl, symmetric):
 def test_each_client_gets_its_own_gradient_slice():
   """Gradients routed through the batched VJP equal each client's own VJP of its rows."""
   with jax.enable_x64(True):
-    client, server = build(1, 'vmap')
-    params = client.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))['params']
-    stacked = jax.tree.map(
-        lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), (N_POOL,) + x.shape), params)
-    x = jax.random.normal(jax.random.key(2), (N_POOL, BATCH, SIZE, SIZE, 3))
-    forward = step_lib.batched_client_apply(client, 'vmap')
-    out, vjp = jax.vjp(lambda p: forward(p, x), stacked)
-    cotangent = jax.random.normal(jax.random.key(3), out.shape)
-    (grads,) = vjp(cotangent)
+    client, _, _ = build(1, 'vmap')
+
+    # Compiled, each a program: run eagerly, every operation compiles on its own.
+    @twins.quick_jit
+    def inputs(key):
+      params = client.init(key, jnp.zeros((1, SIZE, SIZE, 3)))['params']
+      stacked = jax.tree.map(
+          lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), (N_POOL,) + x.shape), params)
+      x = jax.random.normal(jax.random.key(2), (N_POOL, BATCH, SIZE, SIZE, 3))
+      out = jax.eval_shape(step_lib.batched_client_apply(client, 'vmap'), stacked, x)
+      return stacked, x, jax.random.normal(jax.random.key(3), out.shape)
+
+    @twins.quick_jit
+    def batched_grads(stacked, x, cotangent):
+      forward = step_lib.batched_client_apply(client, 'vmap')
+      return jax.vjp(lambda p: forward(p, x), stacked)[1](cotangent)[0]
+
+    stacked, x, cotangent = inputs(jax.random.key(0))
+    grads = batched_grads(stacked, x, cotangent)
     for j in range(N_POOL):
       mine = jax.tree.map(lambda t: t[j], stacked)
-      _, vjp_j = jax.vjp(lambda p: client.apply({'params': p}, x[j]), mine)
-      assert_close(jax.tree.map(lambda t: t[j], grads), vjp_j(cotangent[j])[0], f'client {j}')
+      assert_close(jax.tree.map(lambda t: t[j], grads),
+                   twins.client_grads(client, mine, x[j], cotangent[j]), f'client {j}')
