@@ -137,8 +137,8 @@ def test_vmapped_step_with_a_bottleneck_equals_per_client_loop():
   with jax.enable_x64(True):
     client = split.ClientNet(1, width=0.125, as_matmul=True, bottleneck='C4S2')
     server = split.ServerNet(1, width=0.125, moco_version='smallV2', bottleneck='C4S2')
-    tx, train_step = test_step.make_engine(client, server, 'matmul')
-    state = test_step.initial_state(client, server, tx)
+    train_step = test_step.make_engine(client, server, 'matmul')
+    state = test_step.pool_state(client, server)
     # NumPy for the twin's inputs and the comparisons: op by op, each small
     # operation would compile on its own.
     host = jax.device_get(state)

@@ -59,6 +59,11 @@ def initial_state(cut_layer):
   """A float64 pool state with distinct clients, EMAs and schedule positions, so a
   mixed-up row shows; the same for every client implementation of a cut layer."""
   _, server, client = build(cut_layer, 'vmap')
+  return pool_state(client, server)
+
+
+def pool_state(client, server):
+  """``initial_state`` of given client and server modules."""
 
   def init(key):
     state = state_lib.init_state(key, client, server, TX, TX, num_clients=N_POOL,
