@@ -146,8 +146,8 @@ def test_batchnorm_head_statistics_skip_masked_rows():
   smashed = jax.eval_shape(lambda: client.apply(client.init(jax.random.key(0), images), images))
   x = jax.random.normal(jax.random.key(0), smashed.shape)
   mask = jnp.array([True, True, False, True, False, False])
-  variables = jax.jit(server.init)(jax.random.key(1), x)
-  apply = jax.jit(step_lib.server_apply, static_argnums=0)
+  variables = twins.quick_jit(server.init)(jax.random.key(1), x)
+  apply = twins.quick_jit(step_lib.server_apply, static_argnums=0)
   out, new_vars = apply(server, variables, x, mask)
   want, want_vars = apply(server, variables, x[mask])
   np.testing.assert_allclose(out[mask], want, rtol=1e-5, atol=1e-6)
@@ -170,7 +170,7 @@ def test_per_client_queues_take_their_valid_keys_in_order():
 
 def test_masked_info_nce_is_the_mean_over_valid_rows():
   # Compiled: run eagerly, every operation of every shape would be compiled on its own.
-  info_nce = jax.jit(moco.info_nce, static_argnums=3)
+  info_nce = twins.quick_jit(moco.info_nce, static_argnums=3)
   q = moco.l2_normalize(jax.random.normal(jax.random.key(4), (6, 3)))
   # Near-positive keys in the valid rows, opposite ones in the padding rows:
   # counting a padding row would lower the accuracy.

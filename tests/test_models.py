@@ -6,7 +6,11 @@ import pytest
 
 from mocosfl_jax.models import heads, resnet, split
 
+import twins
+
 IMAGES = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+# Programs are compiled unoptimised (twins.quick_jit): run once, they cost far
+# less that way than optimised, or op by op, each operation compiled on its own.
 
 
 def param_shapes(module, *inputs):
@@ -63,9 +67,10 @@ def test_heads_match_the_reference_sizes(version, out_dim, head_params):
 def test_server_output_is_the_head_or_the_pooled_feature(features_only, dim):
   width = 0.125
   server = split.ServerNet(cut_layer=8, width=width)
-  smashed = jnp.ones((3, 4, 4, 64))
-  variables = server.init(jax.random.key(0), smashed)
-  out = server.apply(variables, smashed, features_only=features_only)
+  smashed = jax.ShapeDtypeStruct((3, 4, 4, 64), jnp.float32)
+  variables = jax.eval_shape(server.init, jax.random.key(0), smashed)
+  out = jax.eval_shape(lambda v, x: server.apply(v, x, features_only=features_only),
+                       variables, smashed)
   assert out.shape == (3, dim)
 
 
@@ -81,17 +86,18 @@ def test_weight_standardization_matches_the_reference_formula():
 def test_group_norm_uses_four_channels_per_group_like_pytorch():
   x = jax.random.normal(jax.random.key(1), (2, 5, 5, 16)) * 2.0 + 0.5
   norm = resnet.group_norm(16)
-  variables = norm.init(jax.random.key(0), x)
+  variables = twins.quick_jit(norm.init)(jax.random.key(0), x)
   groups = np.asarray(x, np.float64).reshape(2, 5, 5, 4, 4)
   mean = groups.mean(axis=(1, 2, 4), keepdims=True)
   var = groups.var(axis=(1, 2, 4), keepdims=True)  # biased, as torch.nn.GroupNorm
   expected = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
-  np.testing.assert_allclose(norm.apply(variables, x), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(twins.quick_jit(norm.apply)(variables, x), expected,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_conv_init_is_pytorch_default_and_linear_init_is_xavier():
-  variables = split.ServerNet(cut_layer=8, width=1.0).init(jax.random.key(0),
-                                                           jnp.ones((1, 4, 4, 512)))
+  server = split.ServerNet(cut_layer=8, width=1.0)
+  variables = twins.quick_jit(server.init)(jax.random.key(0), jnp.ones((1, 4, 4, 512)))
   conv = np.asarray(variables['params']['layer4_block2']['Conv_0']['kernel'])
   bound = 1 / np.sqrt(3 * 3 * 512)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   assert np.abs(conv).max() <= bound * (1 + 1e-6)
@@ -118,9 +124,9 @@ def test_client_as_matmul_equals_native_convolutions(cut_layer):
   x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
   native = split.ClientNet(cut_layer, width=0.25)
   matmul = split.ClientNet(cut_layer, width=0.25, as_matmul=True)
-  variables = native.init(jax.random.key(0), x)
-  np.testing.assert_allclose(matmul.apply(variables, x), native.apply(variables, x),
-                             rtol=1e-4, atol=1e-5)
+  variables = twins.quick_jit(native.init)(jax.random.key(0), x)
+  np.testing.assert_allclose(twins.quick_jit(matmul.apply)(variables, x),
+                             twins.quick_jit(native.apply)(variables, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('kernel_size, stride', [(3, 1), (3, 2), (1, 2)])
@@ -132,7 +138,8 @@ def test_matmul_conv_gradients_equal_native_convolution_gradients(kernel_size, s
       x, k, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   matmul = lambda x, k: resnet.conv_as_matmul(x, k, (stride, stride), pad)
   weights = jax.random.normal(jax.random.key(2), native(x, kernel).shape)
-  grads = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1))(x, kernel)
+  grads = lambda f: twins.quick_jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * weights),
+                                              argnums=(0, 1)))(x, kernel)
   for got, want in zip(grads(matmul), grads(native)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

@@ -7,7 +7,14 @@ import pytest
 from mocosfl_jax.sfl import moco, rounds
 from mocosfl_jax.sfl.state import Clients, SimState
 
+import twins
+
 N, POOL, STEPS, BATCH, SAMPLES = 6, 3, 3, 2, 60
+
+# Compiled, as a round runs it, and unoptimised: op by op, every operation of
+# every shape compiled on its own, which cost these tests more than their checks.
+sample_batches = twins.quick_jit(rounds.sample_batches, static_argnums=(5, 6),
+                                 static_argnames=('passes',))
 
 
 def make_state():
@@ -133,7 +140,7 @@ def test_short_client_takes_whole_batches_of_fresh_shuffles():
   assert rounds.passes_needed([5, 8], [2, 2], 6) == 3
   orders = set()
   for seed in range(4):
-    sample = lambda passes: np.asarray(rounds.sample_batches(
+    sample = lambda passes: np.asarray(sample_batches(
         jax.random.key(seed), jnp.arange(2), table, counts, jnp.zeros(2, jnp.int32), 6, 2,
         passes=passes))
     ids = sample(3)
@@ -155,7 +162,7 @@ def test_a_client_goes_on_where_its_last_round_stopped(count, steps):
   table = jnp.where(jnp.arange(9) < count, jnp.arange(9), -1)[None]
   counts = jnp.array([count])
   passes = rounds.passes_needed([count], [2], steps)
-  walk = lambda first, length, bound: np.asarray(rounds.sample_batches(
+  walk = lambda first, length, bound: np.asarray(sample_batches(
       jax.random.key(5), jnp.array([3]), table, counts, jnp.array([first]), length, 2,
       passes=bound))
   whole = walk(0, 3 * steps, None)
@@ -180,11 +187,11 @@ def test_data_order_follows_the_client_not_its_pool_position():
   table = jnp.arange(24, dtype=jnp.int32).reshape(3, 8)
   counts = jnp.array([8, 6, 7])
   taken = jnp.array([0, 5, 9])
-  ids = rounds.sample_batches(jax.random.key(1), jnp.array([4, 0, 2]), table, counts, taken, 3, 2)
-  swapped = rounds.sample_batches(jax.random.key(1), jnp.array([2, 0, 4]), table[::-1],
-                                  counts[::-1], taken[::-1], 3, 2)
+  ids = sample_batches(jax.random.key(1), jnp.array([4, 0, 2]), table, counts, taken, 3, 2)
+  swapped = sample_batches(jax.random.key(1), jnp.array([2, 0, 4]), table[::-1],
+                           counts[::-1], taken[::-1], 3, 2)
   np.testing.assert_array_equal(ids, swapped[:, ::-1])
-  other = rounds.sample_batches(jax.random.key(1), jnp.array([5, 0, 2]), table, counts, taken, 3, 2)
+  other = sample_batches(jax.random.key(1), jnp.array([5, 0, 2]), table, counts, taken, 3, 2)
   assert not np.array_equal(ids[:, 0], other[:, 0])
 
 
@@ -218,9 +225,9 @@ def test_a_client_left_out_of_a_round_keeps_its_place():
   for client, batches in seen.items():
     if not batches:
       continue
-    walk = rounds.sample_batches(rounds.round_keys(key, 0)[0], jnp.array([client]),
-                                 data.table[client:client + 1], data.counts[client:client + 1],
-                                 jnp.zeros(1, jnp.int32), 3 * len(batches), 2)
+    walk = sample_batches(rounds.round_keys(key, 0)[0], jnp.array([client]),
+                          data.table[client:client + 1], data.counts[client:client + 1],
+                          jnp.zeros(1, jnp.int32), 3 * len(batches), 2)
     np.testing.assert_array_equal(np.concatenate(batches), np.asarray(walk)[:, 0])
 
 

@@ -60,7 +60,7 @@ def ema_tree(ema, online, tau):
   return jax.tree.map(lambda e, o: tau * e + (1 - tau) * o, ema, online)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@quick_jit(static_argnums=0)
 def apply(net, params, x):
   return net.apply({'params': params}, x)
 
