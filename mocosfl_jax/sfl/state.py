@@ -5,6 +5,7 @@ a round gathers the sampled pool's rows, trains them and scatters them back.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -18,13 +19,37 @@ from mocosfl_jax.sfl import moco
 PyTree = Any
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class Clients:
   """Per-client state, each leaf with a leading client axis."""
   online: PyTree      # client model parameters
   ema: PyTree         # momentum (EMA) client model parameters
   opt: PyTree         # optimiser state (momentum buffers, learning rate)
   steps: jax.Array    # (N,) int32: steps each client has taken (drives its schedule)
+  attacker: PyTree = None  # ResSFL's simulated attackers (privacy/ressfl.Attackers), or None
+
+  def replace(self, **updates) -> Clients:
+    return dataclasses.replace(self, **updates)
+
+
+_CLIENT_FIELDS = ('online', 'ema', 'opt', 'steps')
+
+
+def _flatten_clients(c: Clients):
+  # Without attackers the tree is the one Clients had before ResSFL, field for
+  # field and key for key, so that orbax restores the checkpoints written then
+  # (it refuses a tree with an extra key, even one that holds None).
+  names = _CLIENT_FIELDS + (() if c.attacker is None else ('attacker',))
+  return [(jax.tree_util.GetAttrKey(name), getattr(c, name)) for name in names], len(names)
+
+
+def _unflatten_clients(num_fields: int, children) -> Clients:
+  return Clients(*children) if num_fields > len(_CLIENT_FIELDS) else Clients(*children, None)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Clients, _flatten_clients, _unflatten_clients,
+    flatten_func=lambda c: (tuple(v for _, v in _flatten_clients(c)[0]), _flatten_clients(c)[1]))
 
 
 @flax.struct.dataclass
