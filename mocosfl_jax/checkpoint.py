@@ -51,7 +51,7 @@ CORRUPT_DIR = 'corrupt_checkpoints'
 RESUMABLE_FIELDS = frozenset({
     'checkpoint.every', 'checkpoint.keep', 'log_every',
     'eval.every', 'eval.batch_size', 'eval.final_probes', 'eval.probe_epochs',
-    'data.cache_dir', 'data.data_dir', 'data.download',
+    'data.cache_dir', 'data.data_dir', 'data.aux_data_dir', 'data.download',
     # Different formulations of the same computation (benchmark.py).
     'model.client_impl', 'round_impl',
     # The attack on the final model evaluates, it does not train.

@@ -47,6 +47,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.dirichlet_alpha = 0.5  # label-skew concentration of the dirichlet partition
   c.data.data_proportion = 1.0  # keep this random fraction of the training set first
   c.data.hetero = ''           # '' or the reference's "A_B|C|D_E" heterogeneous-client string
+  # An auxiliary training set (TAResSFL's expert, spec 6.4): its training split joins the target's
+  # kept data_proportion (which may then be 0); the kNN monitor, the probes and the attack keep
+  # using the target's data. The fields mirror source, name, path and data_dir above.
+  c.data.aux_source = ''       # '' (none) or a data.source value
+  c.data.aux_name = ''         # as data.name (its normalisation is not used: the target's is)
+  c.data.aux_path = ''
+  c.data.aux_data_dir = ''
+  c.data.aux_balance = True    # repeat each client's target share to about its aux share's size,
+                               # so batches mix the two about 50/50 as the reference's do
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 1.0          # channel multiplier (1.0 = the paper's ResNet-18); every stage needs
@@ -71,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.06            # server learning rate (all reference scripts pass 0.06)
-  c.optim.client_lr = -1.0     # client learning rate; negative = same as lr
+  c.optim.client_lr = -1.0     # client learning rate; negative = same as lr. A client rate of 0
+                               # = frozen clients (TAResSFL): no client backward, update or FedAvg
   c.optim.momentum = 0.9       # SGD momentum, server and clients
   c.optim.weight_decay = 5e-4  # coupled (PyTorch) weight decay on every parameter
   c.optim.schedule = 'auto'    # auto (multistep for V1, else cosine) | cosine | multistep
@@ -104,6 +114,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.privacy.attack_test_images = 128  # the seeded test images the attack is scored on
   c.privacy.attack_seed = 123        # draws the pairs, the hold-out and the test images and
                                      # initialises the decoder (the reference's shuffle seed)
+  # ResSFL's attacker-aware training (spec 6.3): every client trains its own simulated attacker
+  # and descends its contrastive loss + ressfl_alpha x max(SSIM - target_ssim, 0).
+  c.privacy.ressfl_alpha = 0.0       # the regulariser's weight; 0 = off (no attackers)
+  c.privacy.target_ssim = 0.6        # > 0: only SSIM above it is penalised; <= 0: alpha x SSIM
+  c.privacy.attacker = 'custom'      # custom (the reference's default) | res_normN4C64 (BatchNorm
+                                     # from batch_size 20, GroupNorm + WS below, as the reference)
+  c.privacy.attacker_channels = 64   # res_normN4C64's width
+  c.privacy.attacker_lr = 1e-3       # the attackers' Adam rate (constant, as in run_sflmoco)
+
+  # Start from another run's weights (TAResSFL stage 2, spec 6.4): only when a run starts at
+  # round 0; a resumed run restores its own checkpoint.
+  c.init = ml_collections.ConfigDict()
+  c.init.from_workdir = ''     # '' (off) or a run's workdir: its client 0 goes into every client's
+                               # online and EMA model (the reference leaves the EMA random, 9.18)
+  c.init.checkpoint = 'latest'  # latest | best (the best-kNN model) | a saved round
+  c.init.load_server = False   # also the server and its head (online and EMA; the reference's
+                               # --load_server)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10      # rounds between checkpoints (and one at the end)

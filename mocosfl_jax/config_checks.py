@@ -17,6 +17,7 @@ import numpy as np
 from mocosfl_jax import config as config_lib
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.models import bottleneck, heads, resnet, split
+from mocosfl_jax.privacy import decoders
 from mocosfl_jax.sfl import moco, optim, rounds
 
 
@@ -36,6 +37,7 @@ ENUMS = {
     'optim.schedule': optim.SCHEDULES,
     'optim.client_schedule': ('per_client_step', 'per_round'),
     'fedavg.weighting': ('uniform', 'data_size'),
+    'privacy.attacker': decoders.ATTACKERS,
 }
 
 # The backbone is a flat list of modules; the client keeps [0, cut_layer) and
@@ -132,7 +134,8 @@ def _check_values(c: dict[str, Any]) -> None:
       'log_every': at_least(1),
       'data.name': (bool, 'must name the dataset'),
       'data.dirichlet_alpha': positive,
-      'data.data_proportion': unit,
+      'data.data_proportion': ((lambda v: 0 <= v <= 1, 'must be in [0, 1] with data.aux_source '
+                                '(0 = auxiliary data only)') if c['data.aux_source'] else unit),
       'model.width': positive,
       'model.image_size': at_least(MIN_IMAGE_SIZE),
       'moco.crop_scale_min': unit,
@@ -157,6 +160,11 @@ def _check_values(c: dict[str, Any]) -> None:
       'privacy.attack_channels': at_least(1),
       'privacy.attack_test_images': at_least(1),
       'privacy.attack_seed': at_least(0),
+      'privacy.ressfl_alpha': (lambda v: v >= 0, 'must be >= 0 (0 = ResSFL off)'),
+      'privacy.target_ssim': (lambda v: v < 1, 'must be < 1 (SSIM is at most 1; <= 0 penalises '
+                              'all of it)'),
+      'privacy.attacker_channels': at_least(1),
+      'privacy.attacker_lr': positive,
   }
   for name, (ok, allowed) in ranges.items():
     _rule(name, c[name], ok(c[name]), allowed)
@@ -178,6 +186,15 @@ def _check_values(c: dict[str, Any]) -> None:
           f"that is the digits source's name, but data.source is {c['data.source']!r}: name "
           f"the dataset ({_known_names()} use the reference's normalisation statistics, any "
           "other name the training set's own)")
+
+  if c['data.aux_source']:
+    _check_aux(c)
+  selection = c['init.checkpoint']
+  _rule('init.checkpoint', selection, selection in ('latest', 'best') or selection.isdigit(),
+        'use latest, best or a saved round')
+
+  if c['privacy.ressfl_alpha'] > 0:
+    _check_ressfl(c)
 
   try:
     partition.parse_hetero(c['data.hetero'], c['num_clients'])
@@ -208,6 +225,32 @@ def _check_values(c: dict[str, Any]) -> None:
           f'least {k * largest * c["num_clients"]}')
 
 
+def _check_aux(c: dict[str, Any]) -> None:
+  """The auxiliary set's fields, as data.source's and data.name's."""
+  source, name = c['data.aux_source'], c['data.aux_name']
+  _rule('data.aux_source', source, source in sources.SOURCES,
+        f"use '' (none) or one of {list(sources.SOURCES)}")
+  _rule('data.aux_name', name, bool(name), 'must name the auxiliary dataset')
+  _rule('data.aux_name', name, (name == 'digits') == (source == 'digits'),
+        "the digits source goes with the name digits, and only it")
+
+
+def _check_ressfl(c: dict[str, Any]) -> None:
+  """ResSFL's attackers need clients that learn and smashed data they can upsample."""
+  client_lr = c['optim.lr'] if c['optim.client_lr'] < 0 else c['optim.client_lr']
+  _rule('privacy.ressfl_alpha', c['privacy.ressfl_alpha'], client_lr > 0,
+        'ResSFL regularises the clients\' training, but their learning rate is 0 (frozen '
+        'clients): set privacy.ressfl_alpha=0')
+  h, w = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'])
+  spec = bottleneck.parse(c['model.bottleneck'])
+  if spec is not None:
+    h, w = h // spec.stride, w // spec.stride
+  try:
+    decoders.upsampling_stages(h, c['model.image_size'], c['privacy.attacker'])
+  except ValueError as e:
+    _rule('privacy.attacker', c['privacy.attacker'], False, f'{e} (cut_layer and bottleneck)')
+
+
 def _known_names() -> str:
   names = [name for name in sources.NORMALIZATION if name != 'digits']
   return ', '.join(names[:-1]) + ' and ' + names[-1]
@@ -227,7 +270,8 @@ def _check_data(c: dict[str, Any], num_train_samples: int | None,
   """Rules that need the size of the training set or of the clients' shares."""
   if num_train_samples is not None:
     kept = int(c['data.data_proportion'] * num_train_samples + 1e-9)
-    _rule('num_clients', c['num_clients'], c['num_clients'] <= kept,
+    # With an auxiliary set every client holds some of it (the partition checks that).
+    _rule('num_clients', c['num_clients'], c['num_clients'] <= kept or c['data.aux_source'],
           f'only {kept} training samples are kept (data.data_proportion '
           f'{c["data.data_proportion"]} of {num_train_samples}): at most one client per sample')
     _rule('eval.knn_k', c['eval.knn_k'], c['eval.knn_k'] <= num_train_samples,

@@ -61,7 +61,7 @@ _CPU_ANALYSIS_OPTIONS = {'xla_backend_optimization_level': 0,
 
 def frozen_clients(config) -> bool:
   """The clients' learning rate is 0 (TAResSFL's frozen clients, spec 6.4)."""
-  return (config.optim.lr if config.optim.client_lr < 0 else config.optim.client_lr) == 0
+  return optim.frozen_clients(config.optim)
 
 
 def communication_per_client(*, rounds: int, pool_size: int, num_clients: int,

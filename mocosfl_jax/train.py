@@ -23,12 +23,14 @@ import tqdm
 from mocosfl_jax import checkpoint
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import config_checks
+from mocosfl_jax import init_from
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.evaluation import features, final
 from mocosfl_jax.models import split
 from mocosfl_jax.privacy import attack as privacy_attack
+from mocosfl_jax.privacy import ressfl
 from mocosfl_jax.sfl import moco, optim, rounds, state as state_lib, step as step_lib
 
 log = logging.getLogger('mocosfl_jax')
@@ -74,6 +76,7 @@ class Experiment:
   steps_per_round: int
   pool_size: int
   client_impl: str
+  aux: sources.Split | None = None  # data.aux_*'s training split, whose ids follow train's
 
   def init_state(self, key: jax.Array) -> state_lib.SimState:
     c = self.config
@@ -82,13 +85,27 @@ class Experiment:
         server_tx=self.server_tx, client_tx=self.client_tx, num_clients=c.num_clients,
         image_size=c.model.image_size, queue_size=c.moco.queue_size,
         feature_sharing=c.moco.feature_sharing)
+    # ResSFL's attackers, when it is on, are per-client state too.
+    with_attackers = lambda key: ressfl.add_attackers(init(key), key, c, self.client_net)
     # Compiled: run op by op, initialisation takes longer than compiling it.
-    return jax.jit(init)(key)
+    return jax.jit(with_attackers)(key)
 
   def client_data(self) -> rounds.ClientData:
     table, counts = partition.padded(self.partition.client_indices)
-    return rounds.ClientData(jnp.asarray(self.train.images), jnp.asarray(table),
-                             jnp.asarray(counts))
+    images = self.train.images
+    if self.aux is not None:
+      images = np.concatenate([images, self.aux.images])
+    return rounds.ClientData(jnp.asarray(images), jnp.asarray(table), jnp.asarray(counts))
+
+  def bank_images(self, data: rounds.ClientData) -> jax.Array:
+    """The kNN monitor's bank: the target's whole training set, without the auxiliary set."""
+    return data.images if self.aux is None else data.images[:len(self.train)]
+
+  def table_labels(self) -> np.ndarray:
+    """The labels of the training table's ids: the auxiliary set's after the target's classes."""
+    if self.aux is None:
+      return self.train.labels
+    return np.concatenate([self.train.labels, self.aux.labels + self.train.num_classes])
 
 
 def steps_per_round(config, counts: np.ndarray, batch_multiplier: np.ndarray) -> int:
@@ -114,8 +131,14 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   c = config
   train = sources.load_split(c.data, 'train', c.model.image_size)
   test = sources.load_split(c.data, 'test', c.model.image_size)
-  part = partition.make_partition(train.labels, train.num_classes, c.num_clients,
-                                  c.noniid_ratio, c.data, c.seed)
+  aux = None
+  if c.data.aux_source:
+    aux = sources.load_split(sources.aux_config(c.data), 'train', c.model.image_size)
+    part = partition.make_partition_with_aux(train.labels, train.num_classes, c.num_clients,
+                                             c.noniid_ratio, c.data, c.seed, len(aux))
+  else:
+    part = partition.make_partition(train.labels, train.num_classes, c.num_clients,
+                                    c.noniid_ratio, c.data, c.seed)
   _, counts = partition.padded(part.client_indices)
   steps = steps_per_round(c, counts, part.batch_multiplier)
   pool = pool_size(c)
@@ -126,7 +149,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   client_tx = optim.sgd(c.optim.momentum, c.optim.weight_decay)
   server_lr, client_lr = optim.learning_rates(c)
 
+  # The target's statistics normalise the auxiliary images too: one network
+  # input distribution (the reference de-normalises them with the target's
+  # statistics as well, spec 9.19).
   mean, std = sources.normalization(c.data.name, train.images)
+  frozen = optim.frozen_clients(c.optim)
   pair_augment = augment.make_pair_augment(augment.resolve_version(c.moco), mean, std,
                                            c.model.image_size, (c.moco.crop_scale_min, 1.0))
   train_step = step_lib.make_train_step(
@@ -135,17 +162,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       client_impl='map' if client_impl == 'map' else 'vmap',
       server_lr=server_lr, client_lr=client_lr,
       server_batch=rounds.most_rows(c.batch_size * part.batch_multiplier, pool),
-      symmetric=moco.is_symmetric(c.moco.loss, c.moco.version))
+      symmetric=moco.is_symmetric(c.moco.loss, c.moco.version), frozen_clients=frozen,
+      ressfl=ressfl.from_config(c, mean, std))
   run_round = rounds.make_round(
       train_step, num_clients=c.num_clients, pool_size=pool, steps=steps,
       batch_size=c.batch_size, sync_every=c.sync_every, average_ema=c.fedavg.average_ema,
       weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan',
       batch_multiplier=part.batch_multiplier,
       passes=rounds.passes_needed(counts, c.batch_size * np.asarray(part.batch_multiplier),
-                                  steps))
+                                  steps), frozen_clients=frozen)
   embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
   return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
-                    run_round, embed, steps, pool, client_impl)
+                    run_round, embed, steps, pool, client_impl, aux)
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +319,9 @@ def describe_table(info: dict) -> str:
                   f'({comm["upload_mb"]:,.1f} up, {comm["download_mb"]:,.1f} down)'),
       *([('client cost', overhead.compute_line(info['client_compute']))]
         if 'client_compute' in info else []),
-      ('data', f'{info["train_samples"]:,} training, {info["test_samples"]:,} test images'),
+      ('data', f'{info["train_samples"]:,} training, {info["test_samples"]:,} test images'
+               + (f', {info["aux_train_samples"]:,} auxiliary' if 'aux_train_samples' in info
+                  else '')),
   ]
   width = max(len(name) for name, _ in rows)
   return '\n'.join(['MocoSFL run'] + [f'  {name:<{width}}  {value}' for name, value in rows])
@@ -467,6 +497,7 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
       **overhead.per_client(c, exp.client_net, exp.client_tx, pool_size=exp.pool_size,
                             steps_per_round=exp.steps_per_round),
       'train_samples': len(exp.train),
+      **({'aux_train_samples': len(exp.aux)} if exp.aux is not None else {}),
       'test_samples': len(exp.test),
   }
 
@@ -508,6 +539,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
       whose checkpoint is saved.
   """
   config_checks.validate(config)
+  init_from.check(config)
   if config.auto_adjust:
     replaced = config_lib.replaced_by_auto_adjust(config)
     if replaced:
@@ -537,7 +569,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   c = exp.config
   config_checks.validate(c, num_train_samples=len(exp.train),
                          samples_per_client=[len(ix) for ix in exp.partition.client_indices])
-  metrics_lib.write_json(workdir / 'partition.json', exp.partition.summary(exp.train.labels))
+  metrics_lib.write_json(workdir / 'partition.json', exp.partition.summary(exp.table_labels()))
 
   root = jax.random.key(c.seed)
   init_key, round_key = jax.random.split(root)
@@ -548,6 +580,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     # Every checkpoint that passed check_compatible was unreadable after all.
     claim_workdir(workdir, fresh=False)
     state = exp.init_state(init_key)
+    if c.init.from_workdir:
+      state = init_from.load_into(state, c)
     start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
     timed_rounds, timed_seconds = 0, 0.0
   else:
@@ -559,6 +593,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     log.info('resuming from the checkpoint of round %d in %s', start, checkpoints.directory)
   elapsed = lambda: elapsed_before + time.time() - started
   data = exp.client_data()
+  bank_images = exp.bank_images(data)
   test_images = jnp.asarray(exp.test.images)
   info = describe(exp, state)
   print(describe_table(info), flush=True)
@@ -574,7 +609,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
        checkpoint.StopOnSignal() as signals, logs_above_the_bar(), \
        progress_bar(start, c.num_rounds) as bar:
     if restored is None:
-      initial_knn = evaluate_knn(exp, state, data.images, test_images)
+      initial_knn = evaluate_knn(exp, state, bank_images, test_images)
       log.info('kNN accuracy at initialisation: %.2f%%', initial_knn)
       knn_history.append((0, initial_knn))
       writer.write({'round': 0, 'step': 0, 'knn_accuracy': initial_knn,
@@ -605,7 +640,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
         model = final.eval_model(state)
-        record['knn_accuracy'] = final.knn_accuracy(exp, model, data.images, test_images)
+        record['knn_accuracy'] = final.knn_accuracy(exp, model, bank_images, test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
         if record['knn_accuracy'] > best_knn:
           best_knn = record['knn_accuracy']
@@ -660,7 +695,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   }
   if c.eval.final_probes:
     summary['probes'] = final_probes(exp, state, best, knn_history, abstract_state,
-                                     data.images, test_images)
+                                     bank_images, test_images)
   if c.privacy.attack_at_end:
     # Also writes attack.json and attack.png (python -m mocosfl_jax.attack).
     summary['attack'] = privacy_attack.at_end(exp, state, workdir)

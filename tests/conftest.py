@@ -53,13 +53,14 @@ def tiny_run(tmp_path_factory):
 # With pytest-xdist (`-n 2`), each group's tests run in one worker, so that the
 # compiled programs a module caches and the tiny run are built once: a group is
 # a test module, but the modules that share the tiny run make one group.
-SHARED_GROUPS = {'test_evaluate': 'tiny_run', 'test_resume': 'tiny_run'}
+SHARED_GROUPS = {'test_evaluate': 'tiny_run', 'test_resume': 'tiny_run',
+                 'test_taressfl': 'tiny_run'}
 # The slowest groups start first, so that the workers finish together (about
 # 155, 118, 112, 93, 60 and 44 CPU seconds on the 2-core Xeon, 2026-12-03, the
 # others 25 or less; a group missing here starts after these).
 SLOWEST_FIRST = ('tiny_run', 'test_hetero', 'test_attack', 'test_step', 'test_bottleneck',
-                 'test_export', 'test_augment', 'test_probes', 'test_learning', 'test_rounds',
-                 'test_models')
+                 'test_ressfl', 'test_sweep', 'test_export', 'test_augment', 'test_probes',
+                 'test_learning', 'test_rounds', 'test_models')
 
 
 def group(nodeid: str) -> str:

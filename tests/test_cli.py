@@ -49,7 +49,7 @@ def _parse_error(*args: str) -> str:
 def test_unknown_override_fields_name_the_closest_valid_ones():
   assert _parse_error(f'--config={QUICKSTART}', '--config.data.sourcee=npz') == (
       'error: unknown config field data.sourcee (--config.data.sourcee): '
-      'did you mean data.source?')
+      'did you mean data.source or data.aux_source?')
   assert 'did you mean moco.queue_size?' in _parse_error(f'--config={QUICKSTART}',
                                                          '--config.moco.queue_sise=10')
   # A field given without its section.
@@ -58,7 +58,7 @@ def test_unknown_override_fields_name_the_closest_valid_ones():
   message = _parse_error(f'--config={QUICKSTART}', '--config.no_such_field=1')
   assert message.startswith('error: unknown config field no_such_field (--config.no_such_field): '
                             'the fields are auto_adjust, batch_size, checkpoint,')
-  assert 'the fields of data are data.cache_dir,' in _parse_error(f'--config={QUICKSTART}',
+  assert 'the fields of data are data.aux_balance,' in _parse_error(f'--config={QUICKSTART}',
                                                                   '--config.data.foo=1')
 
 
@@ -172,7 +172,7 @@ def _main(*args, cwd=REPO, **popen):
 @pytest.mark.parametrize('args, expected', [
     ([f'--config={QUICKSTART}', '--config.data.sourcee=npz', '--workdir=unused'],
      'error: unknown config field data.sourcee (--config.data.sourcee): '
-     'did you mean data.source?'),
+     'did you mean data.source or data.aux_source?'),
     # An empty data folder: the error comes after orbax has started.
     ([f'--config={QUICKSTART}', '--config.data.source=npz', '--config.data.name=cifar10',
       '--config.data.path={tmp}', '--workdir={tmp}/run'],

@@ -300,3 +300,37 @@ def make_partition(labels: np.ndarray, num_classes: int, num_clients: int, nonii
   if proportion < 1:
     description += f', data_proportion={proportion}'
   return Partition(list(parts), multiplier, description)
+
+
+def make_partition_with_aux(labels: np.ndarray, num_classes: int, num_clients: int,
+                            noniid_ratio: float, data_config, seed: int,
+                            num_aux: int) -> Partition:
+  """:func:`make_partition`'s split of the target set, each share followed by an auxiliary one.
+
+  The training table holds the target's images, then the auxiliary set's, so
+  auxiliary sample i has id ``len(labels) + i``; the auxiliary set is split
+  IID (equal slices of a seeded permutation, the remainder dropped). Here
+  ``data_proportion`` may be 0: the clients then hold auxiliary data only
+  (TAResSFL's expert without target data, spec 6.4). With
+  ``data_config.aux_balance`` a client's target share, when smaller than its
+  auxiliary share, is repeated round(aux / target) times, so that its batches
+  draw from both about equally often, as the reference's expert step of 128
+  target and 128 auxiliary images does.
+  """
+  if num_aux < num_clients:
+    raise DataError(f'the auxiliary set\'s {num_aux} training samples are fewer than '
+                    f'num_clients={num_clients}: lower num_clients')
+  if data_config.data_proportion == 0:
+    target = Partition([np.zeros(0, np.int64)] * num_clients, np.ones(num_clients, np.int32),
+                       'no target data')
+  else:
+    target = make_partition(labels, num_classes, num_clients, noniid_ratio, data_config, seed)
+  aux = iid(num_aux, num_clients, np.random.default_rng([seed, 1]))
+  shares = []
+  for own, extra in zip(target.client_indices, aux):
+    if data_config.aux_balance and 0 < len(own) < len(extra):
+      own = np.tile(own, round(len(extra) / len(own)))
+    shares.append(np.concatenate([own, len(labels) + extra]))
+  balance = ', target repeated to balance' if data_config.aux_balance else ''
+  return Partition(shares, target.batch_multiplier,
+                   f'{target.method} + auxiliary iid ({num_aux} samples{balance})')

@@ -27,6 +27,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 
+import ml_collections
 import numpy as np
 
 
@@ -626,3 +627,15 @@ def load_split(data_config, split: str, image_size: int | None = None) -> Split:
     data = decode(found, split)
     _write_cache(cache_file, data)
   return data if image_size is None else _resized(data, image_size, split)
+
+
+def aux_config(data_config):
+  """``data_config`` reading the auxiliary set: its aux_* fields as source, name, path, data_dir.
+
+  For :func:`load_split`, so that the auxiliary set loads (and is cached and
+  resized) exactly as a target set of that source would.
+  """
+  fields = data_config.to_dict()
+  fields.update(source=data_config.aux_source, name=data_config.aux_name,
+                path=data_config.aux_path, data_dir=data_config.aux_data_dir)
+  return ml_collections.ConfigDict(fields)

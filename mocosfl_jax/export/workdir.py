@@ -24,6 +24,7 @@ from mocosfl_jax import train
 from mocosfl_jax.evaluation import final
 from mocosfl_jax.export import client as client_lib
 from mocosfl_jax.models import split
+from mocosfl_jax.privacy import ressfl
 from mocosfl_jax.sfl import optim, state as state_lib
 
 SELECTIONS = "latest, best or a saved round"
@@ -38,6 +39,7 @@ class Client:
   momentum: Any
   step: int
   source: dict[str, Any]
+  server: Any = None  # the online server variables (head included), for init.from_workdir
 
 
 def init_state(config: ml_collections.ConfigDict):
@@ -47,10 +49,11 @@ def init_state(config: ml_collections.ConfigDict):
   """
   client_net, server_net = split.build(config)
   tx = optim.sgd(config.optim.momentum, config.optim.weight_decay)
-  return functools.partial(
+  init = functools.partial(
       state_lib.init_state, client_net=client_net, server_net=server_net, server_tx=tx,
       client_tx=tx, num_clients=config.num_clients, image_size=config.model.image_size,
       queue_size=config.moco.queue_size, feature_sharing=config.moco.feature_sharing)
+  return lambda key: ressfl.add_attackers(init(key), key, config, client_net)
 
 
 def abstract_state(config: ml_collections.ConfigDict):
@@ -94,7 +97,8 @@ def load(workdir: str | pathlib.Path, selection: str = 'latest') -> Client:
   c = state.clients
   step = int(c.steps[0])
   return Client(config, first(c.online), first(c.ema), first(client_lib.momentum_of(c.opt)),
-                step, {**source, 'round': round_, 'client_steps': step})
+                step, {**source, 'round': round_, 'client_steps': step},
+                jax.tree.map(np.asarray, state.server))
 
 
 def _load_best(workdir: pathlib.Path, source: dict[str, Any]) -> Client:
@@ -112,4 +116,5 @@ def _load_best(workdir: pathlib.Path, source: dict[str, Any]) -> Client:
   return Client(config, online, online, jax.tree.map(np.zeros_like, online), 0,
                 {**source, 'round': meta['round'], 'client_steps': None,
                  'note': 'the best-kNN model keeps no EMA or momentum: '
-                         'EMA = online weights, momentum = 0, step count 0'})
+                         'EMA = online weights, momentum = 0, step count 0'},
+                jax.tree.map(np.asarray, model['server']))

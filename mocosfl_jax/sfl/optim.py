@@ -59,6 +59,16 @@ def client_base_lr(optim_config) -> float:
   return optim_config.lr if optim_config.client_lr < 0 else optim_config.client_lr
 
 
+def frozen_clients(optim_config) -> bool:
+  """The clients' base rate is 0: TAResSFL's frozen clients (spec 6.4).
+
+  Every schedule scales the base rate, so the clients never move. The step
+  then skips their backward and update, the round its FedAvg, and the
+  overhead accounting their gradients and weights.
+  """
+  return client_base_lr(optim_config) == 0
+
+
 # The reference's V1 multi-step factors (spec 4.6).
 SERVER_MULTISTEP_GAMMA, CLIENT_MULTISTEP_GAMMA = 0.1, 0.2
 

@@ -121,7 +121,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
                batch_size: int, sync_every: int, average_ema: bool = False,
                weighting: str = 'uniform', one_program: bool = True,
                batch_multiplier: Sequence[int] | None = None,
-               passes: int | None = None) -> Callable:
+               passes: int | None = None, frozen_clients: bool = False) -> Callable:
   """Builds ``run_round(state, data, key) -> (state, per-step metrics)``, compiled.
 
   ``batch_multiplier`` (num_clients,) gives client i the batch
@@ -143,6 +143,10 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   step inside a loop body about 10x slower than the same step on its own
   (README, "Performance"), so this is the faster choice on CPU. Both give the
   same numbers.
+
+  ``frozen_clients`` (a client rate of 0, the step built with it too): every
+  client holds the same model, which never changes, so no FedAvg runs and
+  nothing is broadcast (the reference still averages, spec 9.18).
   """
 
   def synchronise(clients, weights):
@@ -174,12 +178,16 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   def step(pooled, images, batch_sizes, weights, index, step_key):
     ragged_args = () if batch_sizes is None else (batch_sizes,)
     pooled, metrics = train_step(pooled, images, step_key, *ragged_args)
+    if frozen_clients:
+      return pooled, metrics
     sync = ((index + 1) % sync_every == 0) | (index == steps - 1)
     clients = lax.cond(sync, synchronise, lambda c, w: c, pooled.clients, weights)
     return pooled.replace(clients=clients), metrics
 
   def finish(state: SimState, pool: jax.Array, pooled: SimState) -> SimState:
     state = scatter(state, pool, pooled)
+    if frozen_clients:
+      return state.replace(round=state.round + 1)
     # The round ends with a FedAvg, and its result goes to every client,
     # sampled or not; pool row 0 holds the average.
     broadcast = lambda full, rows: jax.tree.map(

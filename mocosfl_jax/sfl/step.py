@@ -28,6 +28,7 @@ import optax
 from jax import lax
 
 from mocosfl_jax.compilation import materialize
+from mocosfl_jax.privacy import ressfl as ressfl_lib
 from mocosfl_jax.sfl import moco, optim
 from mocosfl_jax.sfl.state import SimState
 
@@ -64,7 +65,8 @@ def server_apply(server_net, variables, x, mask=None):
 def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
                     temperature: float, ema_decay: float, client_impl: str,
                     server_lr: Callable, client_lr: Callable,
-                    server_batch: int | None = None, symmetric: bool = True):
+                    server_batch: int | None = None, symmetric: bool = True,
+                    frozen_clients: bool = False, ressfl: ressfl_lib.ResSFL | None = None):
   """Builds ``train_step(state, images, key, batch_sizes=None) -> (state, metrics)``.
 
   ``state`` is a SimState whose per-client fields hold the pool's rows only;
@@ -80,6 +82,18 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
   ``symmetric=False`` is the loss the reference uses with the V1 head (spec
   1.6 names the switch, not its details; this is plain MoCo's): term 1 only,
   whose accuracy is logged, and only the key view's nB keys enqueued.
+
+  ``frozen_clients`` (TAResSFL's stage 2, a client rate of 0, spec 6.4): the
+  clients only run forward passes; they compute no backward (the reference
+  does, and sends the gradients), take no optimiser step, and their EMA model
+  is their online model (which the state must start with, spec 9.18). Their
+  step counts still advance: they place each client in its data.
+
+  ``ressfl`` (spec 6.3): each pool client's simulated attacker in
+  ``clients.attacker`` takes one step on the client's query smashed data, and
+  the gradient of its regulariser joins the client's slice of the server's
+  gradient (privacy/ressfl.py). With ``ressfl.alpha`` 0 the attackers train
+  and everything else is the plain step's.
   """
   clients_forward = batched_client_apply(client_net, client_impl)
 
@@ -102,8 +116,14 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
 
     # Clients: online forward on the query view (kept for the backward), then
     # the EMA update from the pre-step weights, then the EMA forward on the key view.
-    smashed_q, clients_vjp = jax.vjp(lambda p: clients_forward(p, view1), c.online)
-    client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
+    if frozen_clients:
+      # The EMA of a constant model is that model: taken as is, so that it
+      # stays bit-identical (tau x + (1 - tau) x need not round to x).
+      smashed_q, clients_vjp = clients_forward(c.online, view1), None
+      client_ema = c.online
+    else:
+      smashed_q, clients_vjp = jax.vjp(lambda p: clients_forward(p, view1), c.online)
+      client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
     smashed_k = lax.stop_gradient(clients_forward(client_ema, view2))
 
     # Vector concatenation: one server batch of n*B rows in pool order (with
@@ -144,10 +164,13 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
     updates, server_opt = server_tx.update(server_grads, server_opt, server_vars['params'])
     server_vars = {**server_vars, 'params': optax.apply_updates(server_vars['params'], updates)}
 
-    # Each client receives exactly its slice of dL/d(smashed data): the slices
-    # are the rows of the reshaped gradient, and one VJP routes them all.
-    # Padding rows are masked out of the loss, so their slices are zero.
-    (client_grads,) = clients_vjp(smashed_grads.reshape(smashed_q.shape))
+    cotangent = smashed_grads.reshape(smashed_q.shape)
+    attackers, privacy_metrics = c.attacker, {}
+    if ressfl is not None:
+      attackers, privacy_grads, privacy_metrics = ressfl_lib.attack_step(
+          ressfl, c.attacker, smashed_q, view1, None if valid is None else valid.reshape(n, b))
+      if ressfl.alpha:
+        cotangent = cotangent + privacy_grads
     lr_clients = client_lr(c.steps, state.round)
 
     def client_update(grads, opt_state, params, lr):
@@ -155,13 +178,22 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       updates, opt_state = client_tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    online, client_opt = jax.vmap(client_update)(client_grads, c.opt, c.online, lr_clients)
+    if frozen_clients:
+      # Unused, smashed_grads and the server's backward to its input leave the program.
+      online, client_opt = c.online, c.opt
+    else:
+      # Each client receives exactly its slice of dL/d(smashed data): the slices
+      # are the rows of the reshaped gradient, and one VJP routes them all.
+      # Padding rows are masked out of the loss, so their slices are zero.
+      (client_grads,) = clients_vjp(cotangent)
+      online, client_opt = jax.vmap(client_update)(client_grads, c.opt, c.online, lr_clients)
     new_state = state.replace(
         server=server_vars, server_ema=server_ema, server_opt=server_opt,
-        clients=c.replace(online=online, ema=client_ema, opt=client_opt, steps=c.steps + 1),
+        clients=c.replace(online=online, ema=client_ema, opt=client_opt, steps=c.steps + 1,
+                          attacker=attackers),
         queue=queue, step=state.step + 1)
     metrics = {'loss': loss, 'contrastive_accuracy': accuracy,
-               'lr_server': lr_server, 'lr_client': jnp.mean(lr_clients)}
+               'lr_server': lr_server, 'lr_client': jnp.mean(lr_clients), **privacy_metrics}
     return new_state, metrics
 
   return train_step
