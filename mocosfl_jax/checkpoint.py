@@ -54,6 +54,8 @@ RESUMABLE_FIELDS = frozenset({
     'data.cache_dir', 'data.data_dir', 'data.aux_data_dir', 'data.download',
     # Different formulations of the same computation (benchmark.py).
     'model.client_impl', 'round_impl',
+    # Where the state lives, not what it holds (sharding.py).
+    'mesh.devices',
     # The attack on the final model evaluates, it does not train.
     'privacy.attack_at_end', 'privacy.attack_data_fraction', 'privacy.attack_val_fraction',
     'privacy.attack_epochs', 'privacy.attack_batch_size', 'privacy.attack_lr',

@@ -26,6 +26,7 @@ from mocosfl_jax import config_checks
 from mocosfl_jax import init_from
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
+from mocosfl_jax import sharding
 from mocosfl_jax.data import augment, partition, sources
 from mocosfl_jax.evaluation import features, final
 from mocosfl_jax.models import split
@@ -77,6 +78,7 @@ class Experiment:
   pool_size: int
   client_impl: str
   aux: sources.Split | None = None  # data.aux_*'s training split, whose ids follow train's
+  layout: sharding.Layout | None = None  # the mesh's shardings; None on one device
 
   def init_state(self, key: jax.Array) -> state_lib.SimState:
     c = self.config
@@ -142,6 +144,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   _, counts = partition.padded(part.client_indices)
   steps = steps_per_round(c, counts, part.batch_multiplier)
   pool = pool_size(c)
+  layout = sharding.layout(c, pool)
 
   client_impl = resolve_client_impl(c.model.client_impl)
   client_net, server_net = split.build(c, as_matmul=client_impl == 'matmul')
@@ -170,10 +173,10 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan',
       batch_multiplier=part.batch_multiplier,
       passes=rounds.passes_needed(counts, c.batch_size * np.asarray(part.batch_multiplier),
-                                  steps), frozen_clients=frozen)
+                                  steps), frozen_clients=frozen, layout=layout)
   embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
   return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
-                    run_round, embed, steps, pool, client_impl, aux)
+                    run_round, embed, steps, pool, client_impl, aux, layout)
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +188,14 @@ def evaluate_knn(exp: Experiment, state: state_lib.SimState, bank_images, test_i
 
   After every round's closing FedAvg all clients hold the same online model.
   """
-  return final.knn_accuracy(exp, final.eval_model(state), bank_images, test_images)
+  return final.knn_accuracy(exp, eval_model(exp, state), bank_images, test_images)
+
+
+def eval_model(exp: Experiment, state: state_lib.SimState):
+  """``final.eval_model``'s model on one device: evaluation is not sharded, and
+  replicated over a mesh it would run once on every device."""
+  model = final.eval_model(state)
+  return model if exp.layout is None else jax.device_put(model, jax.devices()[0])
 
 
 def on_device(abstract_tree):
@@ -215,7 +225,7 @@ def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnn
   """
   c = exp.config
   models = {'final': (f'final model (round {c.num_rounds})', c.num_rounds,
-                      final.eval_model(state))}
+                      eval_model(exp, state))}
   best_recorded = best_trained_knn(knn_history)
   try:
     restored = best.restore(on_device(jax.eval_shape(final.eval_model, abstract_state)), c)
@@ -573,7 +583,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   root = jax.random.key(c.seed)
   init_key, round_key = jax.random.split(root)
-  abstract_state = on_device(jax.eval_shape(exp.init_state, init_key))
+  abstract_state = jax.eval_shape(exp.init_state, init_key)
+  abstract_state = (on_device(abstract_state) if exp.layout is None
+                    else exp.layout.abstract(abstract_state))
   restored = checkpoints.restore(abstract_state, c)
   best = final.BestKnnModel(workdir)
   if restored is None:
@@ -594,6 +606,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   elapsed = lambda: elapsed_before + time.time() - started
   data = exp.client_data()
   bank_images = exp.bank_images(data)
+  if exp.layout is not None:
+    state, data = exp.layout.place(state), exp.layout.data(data)
   test_images = jnp.asarray(exp.test.images)
   info = describe(exp, state)
   print(describe_table(info), flush=True)
@@ -639,7 +653,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if warning:
         log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
-        model = final.eval_model(state)
+        model = eval_model(exp, state)
         record['knn_accuracy'] = final.knn_accuracy(exp, model, bank_images, test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
         if record['knn_accuracy'] > best_knn:

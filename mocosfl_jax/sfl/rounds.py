@@ -121,7 +121,8 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
                batch_size: int, sync_every: int, average_ema: bool = False,
                weighting: str = 'uniform', one_program: bool = True,
                batch_multiplier: Sequence[int] | None = None,
-               passes: int | None = None, frozen_clients: bool = False) -> Callable:
+               passes: int | None = None, frozen_clients: bool = False,
+               layout=None) -> Callable:
   """Builds ``run_round(state, data, key) -> (state, per-step metrics)``, compiled.
 
   ``batch_multiplier`` (num_clients,) gives client i the batch
@@ -147,7 +148,17 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   ``frozen_clients`` (a client rate of 0, the step built with it too): every
   client holds the same model, which never changes, so no FedAvg runs and
   nothing is broadcast (the reference still averages, spec 9.18).
+
+  ``layout`` (a :class:`mocosfl_jax.sharding.Layout`, None on one device)
+  keeps the state split over the mesh's client axis and the pool's rows (its
+  state and its images) split over the same axis while the round runs; pass
+  the state placed by ``layout.place`` and the data by ``layout.data``.
   """
+  keep = layout.constrain if layout is not None else lambda tree: tree
+  keep_rows = layout.constrain_rows if layout is not None else lambda x: x
+  # The pool is every client in order: its rows are the state's own, and
+  # gathering and scattering them would copy (on a mesh, all-gather) them all.
+  everyone = pool_size == num_clients
 
   def synchronise(clients, weights):
     online = fedavg.average_and_broadcast(clients.online, weights)
@@ -172,12 +183,13 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
       weights = counts / jnp.sum(counts)
     else:
       weights = jnp.full((pool_size,), 1.0 / pool_size)
-    return (gather(state, pool), pool, batches, batch_sizes, weights,
-            jax.random.split(k_steps, steps))
+    pooled = keep(state if everyone else gather(state, pool))
+    return pooled, pool, batches, batch_sizes, weights, jax.random.split(k_steps, steps)
 
   def step(pooled, images, batch_sizes, weights, index, step_key):
     ragged_args = () if batch_sizes is None else (batch_sizes,)
-    pooled, metrics = train_step(pooled, images, step_key, *ragged_args)
+    pooled, metrics = train_step(pooled, keep_rows(images), step_key, *ragged_args)
+    pooled = keep(pooled)
     if frozen_clients:
       return pooled, metrics
     sync = ((index + 1) % sync_every == 0) | (index == steps - 1)
@@ -185,7 +197,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
     return pooled.replace(clients=clients), metrics
 
   def finish(state: SimState, pool: jax.Array, pooled: SimState) -> SimState:
-    state = scatter(state, pool, pooled)
+    state = keep(pooled if everyone else scatter(state, pool, pooled))
     if frozen_clients:
       return state.replace(round=state.round + 1)
     # The round ends with a FedAvg, and its result goes to every client,
@@ -195,7 +207,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
     clients = state.clients.replace(online=broadcast(state.clients.online, pooled.clients.online))
     if average_ema:
       clients = clients.replace(ema=broadcast(state.clients.ema, pooled.clients.ema))
-    return state.replace(clients=clients, round=state.round + 1)
+    return keep(state.replace(clients=clients, round=state.round + 1))
 
   if one_program:
     def run_round(state: SimState, data: ClientData, key: jax.Array):

@@ -1,0 +1,107 @@
+"""The device mesh of a run and where each part of the SimState lives on it.
+
+One 1-D mesh over ``config.mesh.devices`` local devices, its axis named
+``clients``. Every per-client leaf of the state (online and EMA client
+models, their optimiser states, step counters, per-client queues and
+attackers) is split along its leading client axis; a round's pool rows (the
+gathered per-client state, its batch of images and so the server batch) are
+split along the same axis, now over the pool. The server, its EMA, its
+optimiser, a shared queue, the counters and the training data are
+replicated. So each device trains ``pool_size / devices`` clients, the
+server's batch is data-parallel over the devices, and FedAvg and the server's
+gradient are all-reduces.
+
+With one device :func:`layout` is None and the round compiles exactly as
+without a mesh. Partitioning changes only the order of floating-point sums,
+so the numbers do not depend on the device count beyond float rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mocosfl_jax.config_checks import ConfigError
+
+AXIS = 'clients'
+
+
+def num_devices(config) -> int:
+  """``mesh.devices``, or every local device when it is 0."""
+  available = len(jax.local_devices())
+  wanted = config.mesh.devices or available
+  if wanted > available:
+    raise ConfigError(f'mesh.devices={wanted} but only {available} local devices '
+                      f'({jax.default_backend()}) exist; pass 0 to use them all')
+  return wanted
+
+
+def check_divisible(num_clients: int, pool_size: int, devices: int) -> None:
+  """Refuses client and pool counts that the devices cannot split evenly."""
+  if num_clients % devices or pool_size % devices:
+    raise ConfigError(
+        f'num_clients={num_clients} and the pool (num_clients x client_sample_ratio = '
+        f'{pool_size}) must both be multiples of the {devices} devices of the mesh: change '
+        'num_clients or client_sample_ratio, or set mesh.devices (1 runs on one device)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The shardings of the state, the pool's rows and the data on one mesh."""
+  mesh: Mesh
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def rows(self) -> NamedSharding:
+    """The leading axis split over the devices."""
+    return NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+  def _by_rank(self, x) -> NamedSharding:
+    return self.rows if np.ndim(x) else self.replicated
+
+  def state(self, state):
+    """The shardings of a SimState, whole or narrowed to a pool (same tree)."""
+    everything = jax.tree.map(lambda _: self.replicated, state)
+    clients = jax.tree.map(self._by_rank, state.clients)
+    queue = (jax.tree.map(self._by_rank, state.queue) if state.queue.per_client
+             else everything.queue)
+    return everything.replace(clients=clients, queue=queue)
+
+  def place(self, state):
+    """``state`` moved onto the mesh (a replicated leaf is copied to every device)."""
+    return jax.device_put(state, self.state(state))
+
+  def abstract(self, abstract_state):
+    """``jax.eval_shape``'s state with its shardings: what a checkpoint restores to."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, self.state(abstract_state))
+
+  def constrain(self, state):
+    """Inside a compiled function: ``state`` laid out as :meth:`state` says."""
+    return jax.lax.with_sharding_constraint(state, self.state(state))
+
+  def constrain_rows(self, x: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, self.rows)
+
+  def data(self, data):
+    """The training data, replicated: every device draws its clients' images from it."""
+    return jax.device_put(data, self.replicated)
+
+
+def layout(config, pool_size: int) -> Layout | None:
+  """The run's layout, or None on one device (the program without a mesh).
+
+  Raises:
+    ConfigError: more devices asked for than exist, or client or pool counts
+      that do not divide by the device count.
+  """
+  devices = num_devices(config)
+  if devices == 1:
+    return None
+  check_divisible(config.num_clients, pool_size, devices)
+  return Layout(Mesh(np.asarray(jax.local_devices()[:devices]), (AXIS,)))

@@ -1,0 +1,54 @@
+"""test_sharding's runs, on 8 simulated CPU devices: ``python sharded_run.py DIR``.
+
+A subprocess because the device count is fixed when JAX starts. In ``DIR``:
+``one`` and ``eight`` train the same config from round 0 with the mesh over
+1 and over 8 devices; ``one_then_eight`` resumes ``one``'s checkpoint of
+round 1 on 8 devices and ``eight_then_one`` resumes ``eight``'s on 1. With
+``mesh.devices=1`` a run compiles the program of a one-device process.
+Programs are compiled unoptimised (as test_gpu_check's): each runs only a
+few times.
+"""
+import os
+import pathlib
+import shutil
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8'
+                           + ' --xla_backend_optimization_level=0'
+                           + ' --xla_llvm_disable_expensive_passes=true')
+
+import jax  # pylint: disable=wrong-import-position
+
+from mocosfl_jax import checkpoint, train  # pylint: disable=wrong-import-position
+
+import test_sharding  # pylint: disable=wrong-import-position
+
+
+def run(workdir: pathlib.Path, devices: int) -> None:
+  config = test_sharding.config()
+  config.mesh.devices = devices
+  train.run(config, workdir)
+
+
+def from_round_one(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """A copy of ``source`` whose newest checkpoint is round 1's: a run there resumes from it."""
+  shutil.copytree(source, target)
+  shutil.rmtree(target / checkpoint.CHECKPOINT_DIR / '2')
+  return target
+
+
+def main(directory: pathlib.Path) -> None:
+  assert len(jax.devices()) == 8, jax.devices()
+  # The session's persistent cache, as conftest.py sets it in the test process.
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  run(directory / 'one', 1)
+  run(directory / 'eight', 8)
+  run(from_round_one(directory / 'one', directory / 'one_then_eight'), 8)
+  run(from_round_one(directory / 'eight', directory / 'eight_then_one'), 1)
+
+
+if __name__ == '__main__':
+  main(pathlib.Path(sys.argv[1]))
