@@ -13,6 +13,7 @@ one step includes the on-device augmentation of 2 x n x B images.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -44,11 +45,38 @@ def peak_memory_bytes() -> int | None:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
-          queue_size: int):
-  """The compiled step of a setting, its first state and images, and the compile seconds."""
-  client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul')
-  server_net = split.ServerNet(cut_layer, width, 'V2')
+def step_flops(compiled) -> float | None:
+  """FLOPs of one run of a compiled program by XLA's cost analysis, None if it gives none.
+
+  XLA counts a loop's body once, so a program that loops over clients ('map')
+  reports one client's convolutions; the others give the whole step.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # not every backend implements it  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def program_memory_bytes(compiled) -> int | None:
+  """Device bytes of one compiled program: arguments, outputs and temporaries."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def make_step(cut_layer: int, impl: str, *, width: float, dtype: str = 'float32'):
+  """(client net, server net, optimiser, uncompiled train step) of a setting."""
+  client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul', dtype=dtype)
+  server_net = split.ServerNet(cut_layer, width, 'V2', dtype=dtype)
   tx = optim.sgd(0.9, 5e-4)
   mean, std = sources.normalization('cifar10')
   train_step = step_lib.make_train_step(
@@ -56,9 +84,22 @@ def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
       temperature=0.1, ema_decay=0.99, client_impl='map' if impl == 'map' else 'vmap',
       server_lr=optim.cosine_per_epoch(0.06, 200),
       client_lr=lambda steps, rnd: optim.reference_client_cosine(0.06, 200)(steps))
-  state = state_lib.init_state(jax.random.key(0), client_net, server_net, tx, tx,
-                               num_clients=clients, image_size=32, queue_size=queue_size,
-                               feature_sharing=True)
+  return client_net, server_net, tx, train_step
+
+
+def init_state(client_net, server_net, tx, clients: int, queue_size: int):
+  """The first state, compiled: op by op, initialisation takes longer than compiling it."""
+  init = functools.partial(state_lib.init_state, client_net=client_net, server_net=server_net,
+                           server_tx=tx, client_tx=tx, num_clients=clients, image_size=32,
+                           queue_size=queue_size, feature_sharing=True)
+  return jax.jit(init)(jax.random.key(0))
+
+
+def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
+          queue_size: int, dtype: str = 'float32'):
+  """The compiled step of a setting, its first state and images, and the compile seconds."""
+  client_net, server_net, tx, train_step = make_step(cut_layer, impl, width=width, dtype=dtype)
+  state = init_state(client_net, server_net, tx, clients, queue_size)
   images = jax.random.randint(jax.random.key(1), (clients, batch, 32, 32, 3), 0, 256,
                               jnp.int32).astype(jnp.uint8)
   step = compilation.jit(train_step, donate_argnums=0)
@@ -69,9 +110,9 @@ def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
 
 
 def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
-                 repeats: int, queue_size: int) -> dict:
+                 repeats: int, queue_size: int, dtype: str = 'float32') -> dict:
   compiled, state, images, compile_s = build(clients, batch, cut_layer, impl, width=width,
-                                             queue_size=queue_size)
+                                             queue_size=queue_size, dtype=dtype)
   state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -84,10 +125,12 @@ def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: 
   images_per_step = 2 * clients * batch
   return {
       'clients': clients, 'batch_per_client': batch, 'cut_layer': cut_layer, 'impl': impl,
-      'width': width, 'step_seconds_median': median, 'step_seconds_all': times,
+      'width': width, 'dtype': dtype, 'step_seconds_median': median, 'step_seconds_all': times,
       'steps_per_second': 1.0 / median, 'images_per_second': images_per_step / median,
       'images_per_step': images_per_step, 'compile_seconds': compile_s,
       'peak_memory_bytes': peak_memory_bytes(), 'loss': float(metrics['loss']),
+      'program_flops': step_flops(compiled),
+      'program_memory_bytes': program_memory_bytes(compiled),
   }
 
 
@@ -99,6 +142,8 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--queue-size', type=int, default=6000)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='of activations and convolutions (model.dtype)')
   args = parser.parse_args()
   results = results_file.new(backend=jax.default_backend(),
                              devices=[d.device_kind for d in jax.devices()],
@@ -106,7 +151,7 @@ def main():
   for name in args.settings.split(','):
     for impl in args.impls.split(','):
       run = time_setting(**SETTINGS[name], impl=impl, width=args.width, repeats=args.repeats,
-                         queue_size=args.queue_size)
+                         queue_size=args.queue_size, dtype=args.dtype)
       results_file.add_run(results, {**run, 'setting': name}, args.out)
 
 if __name__ == '__main__':

@@ -64,6 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
                                # training and evaluation alike, and crops to it when augmented
   c.model.weight_standardization = True  # WS on block convs (the stem always has it)
   c.model.client_impl = 'auto'  # auto | vmap | map | matmul: how the pool's clients run (benchmark.py)
+  c.model.dtype = 'float32'     # float32 | bfloat16: of activations and convolutions; parameters,
+                               # optimiser, losses and GroupNorm statistics stay float32
   c.model.bottleneck = ''      # '' (off) or [K<k>]C<c>[S<s>][noRELU]: a conv pair at the cut that
                                # compresses the smashed data to c channels and H/s x W/s (spec 1.5;
                                # C4S2 in the TAResSFL scripts)
@@ -135,6 +137,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10      # rounds between checkpoints (and one at the end)
   c.checkpoint.keep = 3        # checkpoints kept
+
+  # The devices a run's clients are split over (README "Many devices"); num_clients and the
+  # pool must divide by their count. Changing it does not change the numbers, so a run may
+  # resume on another count.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.devices = 0           # local devices of the 1-D 'clients' mesh; 0 = all of them
 
   c.log_every = 1              # rounds between metrics.jsonl records
   return c

@@ -87,6 +87,7 @@ class GroupNorm(nn.Module):
   """Drop-in for ``nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)`` on NHWC."""
   num_groups: int
   epsilon: float = 1e-5
+  dtype: str = 'float32'  # of the output; statistics are float32 whatever it is
 
   @nn.compact
   def __call__(self, x):
@@ -97,6 +98,7 @@ class GroupNorm(nn.Module):
       raise ValueError(f'GroupNorm: {self.num_groups} groups do not divide {channels} channels')
     scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
-    # As flax: statistics and output in at least float32, whatever the input.
+    # As flax: statistics in at least float32, whatever the input; the output in self.dtype.
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon)
+    y = group_norm(x, scale, bias, self.num_groups, self.epsilon)
+    return y if self.dtype == 'float32' else y.astype(self.dtype)

@@ -95,9 +95,19 @@ class Conv(nn.Module):
         x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def group_norm(channels: int) -> GroupNorm:
+def to_compute_dtype(x: jax.Array, dtype: str) -> jax.Array:
+  """``x`` in the activations' ``dtype`` (model.dtype); float32 leaves the program as it was.
+
+  Parameters stay float32: each conv casts its (standardized) kernel to its
+  input's dtype, so 'bfloat16' runs convolutions and activations in bfloat16
+  while the optimiser updates float32 weights.
+  """
+  return x if dtype == 'float32' else x.astype(dtype)
+
+
+def group_norm(channels: int, dtype: str = 'float32') -> GroupNorm:
   """GroupNorm with 4 channels per group and PyTorch's epsilon (spec 1.2)."""
-  return GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5)
+  return GroupNorm(num_groups=max(channels // 4, 1), epsilon=1e-5, dtype=dtype)
 
 
 class Stem(nn.Module):
@@ -105,14 +115,16 @@ class Stem(nn.Module):
   features: int
   image_size: int = 32
   as_matmul: bool = False
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x):
+    x = to_compute_dtype(x, self.dtype)
     # The reference's input-size variants: 64x64 uses stride 2, 224x224 a 7x7 stride-2 conv.
     kernel, stride = (7, 2) if self.image_size >= 224 else (3, 2 if self.image_size >= 64 else 1)
     # The stem is always weight-standardized, even when WS is off elsewhere.
     x = Conv(self.features, kernel, stride, True, self.as_matmul)(x)
-    return nn.relu(group_norm(self.features)(x))
+    return nn.relu(group_norm(self.features, self.dtype)(x))
 
 
 class BasicBlock(nn.Module):
@@ -121,18 +133,20 @@ class BasicBlock(nn.Module):
   strides: int = 1
   weight_standardization: bool = True
   as_matmul: bool = False
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x):
+    norm = functools.partial(group_norm, dtype=self.dtype)
     conv = functools.partial(Conv, weight_standardization=self.weight_standardization,
                              as_matmul=self.as_matmul)
     y = conv(self.features, 3, self.strides)(x)
-    y = materialize(nn.relu(group_norm(self.features)(y)))
+    y = materialize(nn.relu(norm(self.features)(y)))
     y = conv(self.features, 3, 1)(y)
-    y = group_norm(self.features)(y)
+    y = norm(self.features)(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = conv(self.features, 1, self.strides)(x)
-      x = group_norm(self.features)(x)
+      x = norm(self.features)(x)
     return materialize(nn.relu(x + y))
 
 
@@ -164,12 +178,13 @@ def channels(width: float) -> tuple[int, ...]:
 
 
 def make_module(index: int, width: float, image_size: int = 32,
-                weight_standardization: bool = True, as_matmul: bool = False) -> nn.Module:
-  """Module ``index`` (0..8) of the flat ResNet-18 list."""
+                weight_standardization: bool = True, as_matmul: bool = False,
+                dtype: str = 'float32') -> nn.Module:
+  """Module ``index`` (0..8) of the flat ResNet-18 list, computing in ``dtype``."""
   widths = channels(width)
   if index == 0:
-    return Stem(widths[0], image_size, as_matmul, name='stem')
+    return Stem(widths[0], image_size, as_matmul, dtype, name='stem')
   stage, block = divmod(index - 1, 2)
   strides = 2 if (stage > 0 and block == 0) else 1
-  return BasicBlock(widths[stage], strides, weight_standardization, as_matmul,
+  return BasicBlock(widths[stage], strides, weight_standardization, as_matmul, dtype,
                     name=f'layer{stage + 1}_block{block + 1}')

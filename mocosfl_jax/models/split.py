@@ -48,12 +48,13 @@ class ClientNet(nn.Module):
   weight_standardization: bool = True
   as_matmul: bool = False
   bottleneck: str = ''
+  dtype: str = 'float32'  # of activations and convolutions (model.dtype); parameters are float32
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.cut_layer):
       x = resnet.make_module(i, self.width, self.image_size,
-                             self.weight_standardization, self.as_matmul)(x)
+                             self.weight_standardization, self.as_matmul, self.dtype)(x)
     if self.bottleneck:
       x = bottleneck_lib.Compress(self.bottleneck, self.as_matmul, name='bottleneck')(x)
     return x
@@ -68,19 +69,22 @@ class ServerNet(nn.Module):
   image_size: int = 32
   weight_standardization: bool = True
   bottleneck: str = ''
+  dtype: str = 'float32'  # as ClientNet's; the head and the loss stay float32
 
   @nn.compact
   def __call__(self, smashed, train: bool = True, features_only: bool = False, mask=None):
     """``mask`` (rows,): the rows that count in the head's BatchNorm statistics (all if None)."""
     # The smashed data's GroupNorm chain would otherwise be recomputed inside the
     # first kernel gradient's transpose (compilation.materialize).
-    x = materialize(smashed)
+    x = materialize(resnet.to_compute_dtype(smashed, self.dtype))
     if self.bottleneck:
       x = bottleneck_lib.Decompress(self.bottleneck, smashed_channels(self.cut_layer, self.width),
                                     name='bottleneck')(x)
     for i in range(self.cut_layer, resnet.NUM_MODULES):
-      x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization)(x)
-    features = jnp.mean(x, axis=(1, 2))
+      x = resnet.make_module(i, self.width, self.image_size, self.weight_standardization,
+                             dtype=self.dtype)(x)
+    # Pooled in float32, so the head, the features and the loss are float32 whatever the dtype.
+    features = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     # The head is defined even when unused so that the parameter tree is one shape.
     projected = heads.ProjectionHead(self.moco_version, name='head')(features, train, mask)
     return features if features_only else projected
@@ -90,7 +94,7 @@ def build(config, as_matmul: bool = False) -> tuple[ClientNet, ServerNet]:
   """The client and server modules for a config's model fields."""
   m = config.model
   client = ClientNet(config.cut_layer, m.width, m.image_size, m.weight_standardization,
-                     as_matmul, m.bottleneck)
+                     as_matmul, m.bottleneck, m.dtype)
   server = ServerNet(config.cut_layer, m.width, config.moco.version, m.image_size,
-                     m.weight_standardization, m.bottleneck)
+                     m.weight_standardization, m.bottleneck, m.dtype)
   return client, server
