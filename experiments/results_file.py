@@ -41,6 +41,11 @@ def add_run(results: dict, run: dict, path: str) -> None:
   """
   results['runs'].append(run)
   print(json.dumps({k: v for k, v in run.items() if k != 'step_seconds_all'}), flush=True)
+  write(results, path)
+
+
+def write(results: dict, path: str) -> None:
+  """Writes ``results`` to ``path``, making its folder."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
     json.dump(results, f, indent=2)
