@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mocosfl_jax import config as config_lib
+from mocosfl_jax import distributed
 
 log = logging.getLogger('mocosfl_jax')
 
@@ -56,6 +57,8 @@ RESUMABLE_FIELDS = frozenset({
     'model.client_impl', 'round_impl',
     # Where the state lives, not what it holds (sharding.py).
     'mesh.devices',
+    # How long the server waits for edge clients (serve.py).
+    'edge.timeout_s', 'edge.max_message_mb',
     # The attack on the final model evaluates, it does not train.
     'privacy.attack_at_end', 'privacy.attack_data_fraction', 'privacy.attack_val_fraction',
     'privacy.attack_epochs', 'privacy.attack_batch_size', 'privacy.attack_lr',
@@ -199,10 +202,13 @@ class Checkpoints:
     """
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / CHECKPOINT_DIR
-    if fresh and self.directory.exists():
-      log.warning('--fresh: deleting the checkpoints in %s', self.directory)
-      shutil.rmtree(self.directory)
-    _remove_unfinished_saves(self.directory)
+    # With many processes the primary deletes, and the others look only after it did.
+    if distributed.is_primary():
+      if fresh and self.directory.exists():
+        log.warning('--fresh: deleting the checkpoints in %s', self.directory)
+        shutil.rmtree(self.directory)
+      _remove_unfinished_saves(self.directory)
+    distributed.barrier('mocosfl_checkpoints_cleared')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
@@ -215,8 +221,10 @@ class Checkpoints:
   def _set_aside(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint out of the way, keeping it for inspection."""
     target = self.workdir / CORRUPT_DIR / f'{step}.{time.time_ns()}'
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), str(target))
+    if distributed.is_primary():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    distributed.barrier(f'mocosfl_set_aside_{step}')
     self._manager.reload()
     reason = ' '.join(str(error).split())[:200]
     log.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, '

@@ -13,6 +13,11 @@ Ctrl-C stops at once with one line and status 130. Errors the user can fix
 (flags, config file, config, data, a workdir that cannot be written, an
 incompatible checkpoint, a diverged run) print one ``error:`` line and exit
 with status 1.
+
+Many processes (hosts) train one run together (README, "Many hosts"): start
+the same command in each with ``--coordinator_address``, ``--num_processes``
+and ``--process_id``, or without them under SLURM, Open MPI or on a Cloud TPU
+pod slice, whose environment tells JAX the same.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mocosfl_jax import checkpoint
+from mocosfl_jax import distributed
 from mocosfl_jax import train
 from mocosfl_jax.config_checks import ConfigError
 from mocosfl_jax.data.sources import DataError
@@ -45,6 +51,15 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Directory for metrics
 _FRESH = flags.DEFINE_bool('fresh', False,
                            'Delete the checkpoints and earlier results in --workdir and '
                            'start over instead of resuming.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'HOST:PORT of process 0, which every process of a many-process run connects to. '
+    'Absent: from the SLURM, Open MPI or Cloud TPU environment, if any.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes of the run (absent: 1, or the cluster environment\'s).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process\'s index, 0 to --num_processes - 1; 0 writes the '
+    'results (absent: the cluster environment\'s).')
 
 
 def main(argv):
@@ -53,6 +68,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('mocosfl_jax').setLevel(logging.INFO)
   try:
+    # Before anything touches a device.
+    distributed.initialize(distributed.Flags(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                             _PROCESS_ID.value))
+    if not distributed.is_primary():
+      logging.getLogger('mocosfl_jax').setLevel(logging.ERROR)
     cli.check_output_dir(_WORKDIR.value, f'--workdir={_WORKDIR.value}')
     train.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except checkpoint.Interrupted as e:

@@ -11,6 +11,13 @@ replicated. So each device trains ``pool_size / devices`` clients, the
 server's batch is data-parallel over the devices, and FedAvg and the server's
 gradient are all-reduces.
 
+With many processes (distributed.py) the mesh spans every process's devices
+and ``mesh.devices`` counts them all. Each process then holds its devices'
+rows of the per-client leaves and a copy of the replicated ones, the training
+data included: a round's pool is redrawn every round and its rows go to the
+devices by position, so any device may train any client (README, "Many
+hosts").
+
 With one device :func:`layout` is None and the round compiles exactly as
 without a mesh. Partitioning changes only the order of floating-point sums,
 so the numbers do not depend on the device count beyond float rounding.
@@ -29,13 +36,36 @@ AXIS = 'clients'
 
 
 def num_devices(config) -> int:
-  """``mesh.devices``, or every local device when it is 0."""
+  """``mesh.devices``, or every device when it is 0 (every process's, with many)."""
+  if jax.process_count() > 1:
+    available = len(jax.devices())
+    if config.mesh.devices not in (0, available):
+      raise ConfigError(f'mesh.devices={config.mesh.devices} but the mesh of '
+                        f'{jax.process_count()} processes spans all their {available} devices: '
+                        'pass 0')
+    return available
   available = len(jax.local_devices())
   wanted = config.mesh.devices or available
   if wanted > available:
     raise ConfigError(f'mesh.devices={wanted} but only {available} local devices '
                       f'({jax.default_backend()}) exist; pass 0 to use them all')
   return wanted
+
+
+def put(x, sharding: NamedSharding):
+  """``x`` (host or one process's device array) laid out as ``sharding``.
+
+  ``jax.device_put`` cannot place a committed array or a PRNG key onto
+  devices of other processes; every process builds its own devices' shards
+  from its copy of ``x`` instead, which all processes hold alike.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def check_divisible(num_clients: int, pool_size: int, devices: int) -> None:
@@ -74,7 +104,7 @@ class Layout:
 
   def place(self, state):
     """``state`` moved onto the mesh (a replicated leaf is copied to every device)."""
-    return jax.device_put(state, self.state(state))
+    return jax.tree.map(put, state, self.state(state))
 
   def abstract(self, abstract_state):
     """``jax.eval_shape``'s state with its shardings: what a checkpoint restores to."""
@@ -90,7 +120,11 @@ class Layout:
 
   def data(self, data):
     """The training data, replicated: every device draws its clients' images from it."""
-    return jax.device_put(data, self.replicated)
+    return jax.tree.map(lambda x: put(x, self.replicated), data)
+
+  def local(self, tree):
+    """A replicated ``tree``'s copy on this process's first device of the mesh."""
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
 def layout(config, pool_size: int) -> Layout | None:
@@ -104,4 +138,5 @@ def layout(config, pool_size: int) -> Layout | None:
   if devices == 1:
     return None
   check_divisible(config.num_clients, pool_size, devices)
-  return Layout(Mesh(np.asarray(jax.local_devices()[:devices]), (AXIS,)))
+  every = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  return Layout(Mesh(np.asarray(every[:devices]), (AXIS,)))

@@ -12,6 +12,7 @@ import logging
 import math
 import pathlib
 import shutil
+import signal
 import time
 
 import jax
@@ -23,6 +24,7 @@ import tqdm
 from mocosfl_jax import checkpoint
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import config_checks
+from mocosfl_jax import distributed
 from mocosfl_jax import init_from
 from mocosfl_jax import metrics as metrics_lib
 from mocosfl_jax import overhead
@@ -79,6 +81,7 @@ class Experiment:
   client_impl: str
   aux: sources.Split | None = None  # data.aux_*'s training split, whose ids follow train's
   layout: sharding.Layout | None = None  # the mesh's shardings; None on one device
+  edge: object = None  # the edge clients' exchange (mocosfl_jax/serve.py), or None
 
   def init_state(self, key: jax.Array) -> state_lib.SimState:
     c = self.config
@@ -128,8 +131,13 @@ def pool_size(config) -> int:
   return max(int(config.client_sample_ratio * config.num_clients), 1)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-  """Loads data, partitions it and builds models, optimisers and compiled functions."""
+def build(config: ml_collections.ConfigDict, edge=None) -> Experiment:
+  """Loads data, partitions it and builds models, optimisers and compiled functions.
+
+  ``edge`` (mocosfl_jax/serve.py) plays some clients from edge-client processes:
+  ``edge.attach(exp)`` gives it the experiment, and ``rounds.make_round`` its
+  ``exchange``.
+  """
   c = config
   train = sources.load_split(c.data, 'train', c.model.image_size)
   test = sources.load_split(c.data, 'test', c.model.image_size)
@@ -173,10 +181,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       weighting=c.fedavg.weighting, one_program=resolve_round_impl(c.round_impl) == 'scan',
       batch_multiplier=part.batch_multiplier,
       passes=rounds.passes_needed(counts, c.batch_size * np.asarray(part.batch_multiplier),
-                                  steps), frozen_clients=frozen, layout=layout)
+                                  steps), frozen_clients=frozen, layout=layout,
+      exchange=edge)
   embed = features.make_embed(client_net, server_net, mean, std, c.eval.batch_size)
   return Experiment(c, train, test, part, client_net, server_net, server_tx, client_tx,
-                    run_round, embed, steps, pool, client_impl, aux, layout)
+                    run_round, embed, steps, pool, client_impl, aux, layout, edge)
 
 
 # ---------------------------------------------------------------------------
@@ -191,16 +200,31 @@ def evaluate_knn(exp: Experiment, state: state_lib.SimState, bank_images, test_i
   return final.knn_accuracy(exp, eval_model(exp, state), bank_images, test_images)
 
 
+def mesh_model(exp: Experiment, state: state_lib.SimState):
+  """``final.eval_model``'s model, replicated over the mesh if there is one.
+
+  What the best-kNN copy saves: orbax writes a replicated array once, for
+  every process.
+  """
+  if exp.layout is None:
+    return final.eval_model(state)
+  return jax.jit(final.eval_model, out_shardings=exp.layout.replicated)(state)
+
+
+def local_model(exp: Experiment, model):
+  """``mesh_model``'s model on one device of this process: evaluation is not
+  sharded, and replicated over a mesh it would run once on every device."""
+  return model if exp.layout is None else exp.layout.local(model)
+
+
 def eval_model(exp: Experiment, state: state_lib.SimState):
-  """``final.eval_model``'s model on one device: evaluation is not sharded, and
-  replicated over a mesh it would run once on every device."""
-  model = final.eval_model(state)
-  return model if exp.layout is None else jax.device_put(model, jax.devices()[0])
+  """The model that evaluation uses, on one device of this process."""
+  return local_model(exp, mesh_model(exp, state))
 
 
 def on_device(abstract_tree):
-  """``abstract_tree``'s shapes and dtypes on the first device, as orbax restores them."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """``abstract_tree``'s shapes and dtypes on this process's first device, as orbax restores them."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                       abstract_tree)
 
@@ -294,17 +318,20 @@ def claim_workdir(workdir: str | pathlib.Path, fresh: bool) -> None:
   """
   found = earlier_results(workdir)
   if not found:
+    # Before process 0 writes its first record, every process has looked.
+    distributed.barrier('mocosfl_workdir_claimed')
     return
   if not fresh:
     raise checkpoint.CheckpointError(
         f'{workdir} holds the results of an earlier run ({_names(found)}) but no checkpoint to '
         'resume from: pass --fresh to delete them and start over, or use another --workdir')
   log.warning('--fresh: deleting %s in %s', _names(found), workdir)
-  for path in found:
+  for path in found if distributed.is_primary() else ():
     if path.is_dir():
       shutil.rmtree(path)
     else:
       path.unlink()
+  distributed.barrier('mocosfl_workdir_claimed')
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +430,7 @@ def progress_bar(start: int, num_rounds: int) -> tqdm.tqdm:
   compilation: the postfix shows ``time_left``'s instead.
   """
   return tqdm.tqdm(range(start, num_rounds), desc='rounds', initial=start, total=num_rounds,
-                   dynamic_ncols=True,
+                   dynamic_ncols=True, disable=not distributed.is_primary(),
                    bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} '
                               '[{elapsed}{postfix}]')
 
@@ -512,6 +539,20 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
   }
 
 
+class _Discarded:
+  """The metrics writer of a process other than the primary: its records are the primary's."""
+
+  def write(self, record) -> None:
+    del record
+
+
+def metrics_writer(workdir: pathlib.Path, resume_from_round: int | None):
+  """The primary's MetricsWriter; the other processes write nothing."""
+  if distributed.is_primary():
+    return metrics_lib.MetricsWriter(workdir, resume_from_round=resume_from_round)
+  return contextlib.nullcontext(_Discarded())
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """One boolean on the device: no floating-point leaf of ``tree`` holds NaN or inf."""
@@ -520,7 +561,8 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
+        edge=None) -> dict:
   """Trains MocoSFL as configured, writing metrics.jsonl and summary.json into workdir.
 
   A workdir that holds checkpoints resumes from the newest readable one, and
@@ -550,6 +592,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
   """
   config_checks.validate(config)
   init_from.check(config)
+  if distributed.many() and config.privacy.attack_at_end:
+    raise config_checks.ConfigError(
+        f'privacy.attack_at_end runs in one process, not in {jax.process_count()}: pass '
+        '--config.privacy.attack_at_end=False and attack the finished run with '
+        'python -m mocosfl_jax.attack')
   if config.auto_adjust:
     replaced = config_lib.replaced_by_auto_adjust(config)
     if replaced:
@@ -567,19 +614,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False)
     # Before the data is loaded and anything compiles.
     if checkpoints.check_compatible(config) is None:
       claim_workdir(workdir, fresh)
-    return _run(config, workdir, checkpoints, started)
+    return _run(config, workdir, checkpoints, started, edge)
   finally:
     # A save still in flight may hold the last good state: let it land.
     checkpoints.close()
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-         checkpoints: checkpoint.Checkpoints, started: float) -> dict:
-  exp = build(config)
+         checkpoints: checkpoint.Checkpoints, started: float, edge=None) -> dict:
+  exp = build(config, edge)
+  if edge is not None:
+    edge.attach(exp)
   c = exp.config
   config_checks.validate(c, num_train_samples=len(exp.train),
                          samples_per_client=[len(ix) for ix in exp.partition.client_indices])
-  metrics_lib.write_json(workdir / 'partition.json', exp.partition.summary(exp.table_labels()))
+  if distributed.is_primary():
+    metrics_lib.write_json(workdir / 'partition.json',
+                           exp.partition.summary(exp.table_labels()))
 
   root = jax.random.key(c.seed)
   init_key, round_key = jax.random.split(root)
@@ -609,8 +660,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if exp.layout is not None:
     state, data = exp.layout.place(state), exp.layout.data(data)
   test_images = jnp.asarray(exp.test.images)
+  if edge is not None:
+    edge.start(state)
   info = describe(exp, state)
-  print(describe_table(info), flush=True)
+  if distributed.is_primary():
+    print(describe_table(info), flush=True)
   symmetric = moco.is_symmetric(c.moco.loss, c.moco.version)
   collapse = CollapseWatch(negatives_per_row(c), symmetric)
   best_meta = best.meta(c)
@@ -619,7 +673,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   # claim_workdir left no records to a run from round 0.
   resume_from_round = None if restored is None else start
-  with metrics_lib.MetricsWriter(workdir, resume_from_round=resume_from_round) as writer, \
+  with metrics_writer(workdir, resume_from_round) as writer, \
        checkpoint.StopOnSignal() as signals, logs_above_the_bar(), \
        progress_bar(start, c.num_rounds) as bar:
     if restored is None:
@@ -633,13 +687,16 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     for r in bar:
       tick = time.time()
       state, step_metrics = exp.run_round(state, data, round_key)
-      step_metrics, finite = jax.device_get((step_metrics, all_finite(state)))
+      step_metrics, finite = distributed.to_host((step_metrics, all_finite(state)))
       seconds = time.time() - tick
       train_seconds += seconds
       # A process's first round compiles the round program: throughput leaves it out.
       if r > start:
         timed_rounds, timed_seconds = timed_rounds + 1, timed_seconds + seconds
       record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
+      # Drop-outs of edge clients: always recorded.
+      edge_record = {} if edge is None else edge.round_record()
+      record.update(edge_record)
       rounds_done = r + 1
       if not (np.isfinite(record['loss']) and finite):
         what = ('parameters' if np.isfinite(record['loss'])
@@ -653,13 +710,17 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if warning:
         log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
-        model = eval_model(exp, state)
-        record['knn_accuracy'] = final.knn_accuracy(exp, model, bank_images, test_images)
+        shared = mesh_model(exp, state)
+        record['knn_accuracy'] = final.knn_accuracy(exp, local_model(exp, shared), bank_images,
+                                                    test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
-        if record['knn_accuracy'] > best_knn:
+        # Every process evaluates alike, but a save that only some of them
+        # joined would never finish.
+        if distributed.agreed(record['knn_accuracy'] > best_knn):
           best_knn = record['knn_accuracy']
-          best.save(model, rounds_done, best_knn, c)
-      if rounds_done % c.log_every == 0 or 'knn_accuracy' in record or rounds_done == c.num_rounds:
+          best.save(shared, rounds_done, best_knn, c)
+      if (rounds_done % c.log_every == 0 or 'knn_accuracy' in record
+          or rounds_done == c.num_rounds or edge_record.get('edge_drops')):
         writer.write({'round': rounds_done, 'step': rounds_done * exp.steps_per_round,
                       **record, 'elapsed_s': elapsed()})
       if paced_since is None:
@@ -669,7 +730,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                          time.time() - paced_since)})
       # Saved after the round's record is written: a resume from this
       # checkpoint keeps exactly the records up to this round.
-      stop = signals.signum is not None and rounds_done < c.num_rounds
+      stop = distributed.anyone(signals.signum is not None) and rounds_done < c.num_rounds
       if rounds_done % c.checkpoint.every == 0 or rounds_done == c.num_rounds or stop:
         checkpoints.save(state, rounds_done, c, {
             'knn_history': knn_history, 'train_seconds': train_seconds,
@@ -678,7 +739,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         last_saved = rounds_done
       if stop:
         checkpoints.wait()
-        raise checkpoint.Interrupted(signals.signum, rounds_done)
+        raise checkpoint.Interrupted(signals.signum or signal.SIGTERM, rounds_done)
   # Ctrl-C from here on stops at once (cli.stop_at_once_on_interrupt): the
   # last round's checkpoint must have landed by then.
   checkpoints.wait()
@@ -713,6 +774,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if c.privacy.attack_at_end:
     # Also writes attack.json and attack.png (python -m mocosfl_jax.attack).
     summary['attack'] = privacy_attack.at_end(exp, state, workdir)
-  metrics_lib.write_json(workdir / 'summary.json', summary)
-  print(closing_block(summary, workdir / 'summary.json'), flush=True)
+  if distributed.is_primary():
+    metrics_lib.write_json(workdir / 'summary.json', summary)
+    print(closing_block(summary, workdir / 'summary.json'), flush=True)
   return summary

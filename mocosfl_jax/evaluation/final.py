@@ -27,6 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mocosfl_jax import checkpoint
+from mocosfl_jax import distributed
 from mocosfl_jax.evaluation import knn, probes
 
 log = logging.getLogger('mocosfl_jax')
@@ -323,7 +324,8 @@ class BestKnnModel:
     meta = {'round': round_, 'knn_accuracy': knn_accuracy, 'config': config.to_dict()}
     self._checkpointer.save(self.directory / str(round_), force=True, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta)))
-    for path in self.directory.iterdir():
+    # Every process saves (orbax writes a replicated model once); one deletes.
+    for path in self.directory.iterdir() if distributed.is_primary() else ():
       if path.name != str(round_):
         shutil.rmtree(path)
 
