@@ -70,10 +70,16 @@ def default_config() -> ml_collections.ConfigDict:
                                # compresses the smashed data to c channels and H/s x W/s (spec 1.5;
                                # C4S2 in the TAResSFL scripts)
 
+  # Edge clients (python -m mocosfl_jax.serve): how long a step or a sync waits
+  # for their replies before it drops the missing ones, and the largest reply.
+  c.edge = ml_collections.ConfigDict()
+  c.edge.timeout_s = 30.0
+  c.edge.max_message_mb = 64
+
   c.moco = ml_collections.ConfigDict()
   c.moco.version = 'V2'        # head: V1 | smallV2 | V2 | largeV2
   c.moco.loss = 'auto'         # auto (asymmetric for V1, else symmetric) | symmetric | asymmetric
-  c.moco.augmentation = 'auto'  # auto (mocov1 for V1, else mocov2) | mocov1 | mocov2
+  c.moco.augmentation = 'auto'  # auto (mocov1 for V1, else mocov2) | mocov1 | mocov2 | none (fixed views)
   c.moco.crop_scale_min = 0.08  # smallest crop area fraction (reference 0.08; larger for tiny images)
   c.moco.queue_size = 6000     # K keys shared by all clients (K // N per client without sharing)
   c.moco.temperature = 0.1     # InfoNCE temperature

@@ -33,7 +33,7 @@ ENUMS = {
     'model.client_impl': ('auto', 'vmap', 'map', 'matmul'),
     'model.dtype': ('float32', 'bfloat16'),
     'moco.version': tuple(heads.HEADS),
-    'moco.augmentation': ('auto',) + augment.VERSIONS,
+    'moco.augmentation': ('auto',) + augment.VERSIONS + (augment.FIXED,),
     'moco.loss': moco.LOSSES,
     'optim.schedule': optim.SCHEDULES,
     'optim.client_schedule': ('per_client_step', 'per_round'),

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 VERSIONS = ('mocov2', 'mocov1')
+# Fixed views: both views are the image itself, normalised; no randomness. A
+# run with edge clients (mocosfl_jax/serve.py) then gives the simulation's
+# numbers to float tolerance, whatever each side's random streams.
+FIXED = 'none'
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -300,7 +304,7 @@ def make_pair_augment(version: str, mean, std, out_size: int = 32, crop_scale=CR
   """Builds the two-view augmentation of the reference's pair loaders.
 
   Args:
-    version: 'mocov2' (the paper's) or 'mocov1'.
+    version: 'mocov2' (the paper's), 'mocov1', or 'none' (fixed views).
     mean: per-channel mean subtracted after scaling to [0, 1].
     std: per-channel std divided by after that.
     out_size: side of the square output views.
@@ -311,8 +315,15 @@ def make_pair_augment(version: str, mean, std, out_size: int = 32, crop_scale=CR
     views float32 (B, out_size, out_size, 3), normalised; view1 is the query
     and view2 the key. Every image and view
     draws its own key from ``key``; the same key gives the same views. Pure,
-    jittable and vmappable.
+    jittable and vmappable. With 'none' both views are the normalised images
+    (which must be out_size already) and the key is unused.
   """
+  if version == FIXED:
+    def fixed(key, images):
+      del key
+      views = normalize(images, mean, std)
+      return views, views
+    return fixed
   _check_version(version)
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)

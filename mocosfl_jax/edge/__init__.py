@@ -13,7 +13,14 @@ device such as a Raspberry Pi 4B (64-bit OS). Its modules:
 - ``client``: ``EdgeClient``, which walks the data, makes the views, runs the
   forward passes in the engine's order, applies the server's gradient and
   keeps a local checkpoint.
+- ``protocol``: the protobuf messages between the server and its edge
+  clients (numpy and protobuf only);
+- ``remote``: the edge-client process, ``python -m mocosfl_jax.edge.client``,
+  which serves a server's requests over gRPC (adds grpcio);
+- ``demo``: a server-side tool (imports JAX, runs on the server's machine)
+  that writes the clients' files and starts a server and its edge clients
+  on 127.0.0.1, ``python -m mocosfl_jax.edge.demo``.
 
-Nothing here imports the rest of ``mocosfl_jax``, and the package imports no
+Nothing here but ``demo`` imports the rest of ``mocosfl_jax``, and the package imports no
 submodule itself: ``from mocosfl_jax.edge.client import EdgeClient``.
 """

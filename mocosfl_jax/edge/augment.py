@@ -28,7 +28,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-VERSIONS = ('mocov2', 'mocov1')
+# 'none': no augmentation, both views the image itself (resized to the model's
+# size): fixed views, so that a run with edge clients can be compared with the
+# pure simulation number for number (the simulator's moco.augmentation='none').
+VERSIONS = ('mocov2', 'mocov1', 'none')
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -38,7 +41,7 @@ JITTER_P = 0.8
 JITTER_LOW = (0.6, 0.6, 0.6, -0.1)
 JITTER_HIGH = (1.4, 1.4, 1.4, 0.1)
 GRAYSCALE_P = 0.2
-BLUR_P = {'mocov2': 0.5, 'mocov1': 0.0}
+BLUR_P = {'mocov2': 0.5, 'mocov1': 0.0, 'none': 0.0}
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_RADIUS = 6
 FLIP_P = 0.5
@@ -276,7 +279,9 @@ def pair_views(rng: np.random.Generator, images: np.ndarray, version: str = 'moc
   Args:
     rng: the generator all choices come from; its state fixes the views.
     images: uint8 (B, H, W, 3).
-    version: 'mocov2' (the paper's) or 'mocov1'.
+    version: 'mocov2' (the paper's), 'mocov1', or 'none' (both views the
+      image, resized bilinearly to ``out_size`` if it is not that size; ``rng``
+      is not used).
     out_size: side of the square views (the model's image size).
     crop_scale: (min, max) fraction of the image area a crop covers.
 
@@ -290,7 +295,11 @@ def pair_views(rng: np.random.Generator, images: np.ndarray, version: str = 'moc
     raise ValueError(f'images have dtype {images.dtype} and shape {images.shape}, '
                      'expected uint8 (B, H, W, 3)')
   batch, height, width = images.shape[:3]
-  params = sample_params(rng, 2 * batch, version, height, width, crop_scale)
   pixels = images.astype(np.float32) / np.float32(255)
+  if version == 'none':
+    whole = np.zeros(batch, np.int64), np.full(batch, height), np.full(batch, width)
+    view = resized_crop(pixels, whole[0], whole[0], whole[1], whole[2], out_size)
+    return view, view.copy()
+  params = sample_params(rng, 2 * batch, version, height, width, crop_scale)
   views = apply_params(np.concatenate([pixels, pixels]), params, version, out_size)
   return views[:batch], views[batch:]

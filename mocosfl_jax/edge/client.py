@@ -22,10 +22,15 @@ to hold only the weights, the seed and the step count.
 A frozen client (exported without ``train``) never changes, so its EMA model
 is its online model: ``forward()`` runs ``infer`` on both views and completes
 the step itself.
+
+Driven by a server (mocosfl_jax/edge/remote.py), the server draws the batch:
+``forward(ids)`` takes those positions in the client's images instead of its
+own walk's, so that the run is the simulation's.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import zipfile
 from typing import Any, Mapping
@@ -80,6 +85,8 @@ class EdgeClient:
     self.schedule = ClientSchedule(optimizer) if self.trainable else None
     self.ema_decay = float(optimizer['ema_decay']) if self.trainable else None
     self._pending = None  # view 1 of a forward() whose gradient has not come yet
+    # The round of the last FedAvg broadcast applied (-1: none), kept in the checkpoint.
+    self.round = -1
 
   @property
   def batch(self) -> int:
@@ -96,20 +103,36 @@ class EdgeClient:
     within = (step % per_pass) * self.batch + np.arange(self.batch)
     return order[within % count]
 
-  def views(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(view1, view2) of the batch at ``step``: float32 (B, S, S, 3) in [0, 1]."""
+  def views(self, step: int, ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(view1, view2) of the batch at ``step``: float32 (B, S, S, 3) in [0, 1].
+
+    ``ids``: the batch's positions in ``images`` (B integers); None: the walk's.
+    """
     rng = np.random.default_rng([self.seed, _VIEW_STREAM, step])
-    return augment.pair_views(rng, self.images[self.batch_ids(step)], self.version,
+    ids = self.batch_ids(step) if ids is None else self.check_ids(ids)
+    return augment.pair_views(rng, self.images[ids], self.version,
                               int(self.model.image_size), self.crop_scale)
+
+  def check_ids(self, ids) -> np.ndarray:
+    """``ids`` as an int64 array of one batch of positions in ``images``; else ValueError."""
+    ids = np.asarray(ids)
+    if (ids.shape != (self.batch,) or not np.issubdtype(ids.dtype, np.integer)
+        or ids.min() < 0 or ids.max() >= len(self.images)):
+      raise ValueError(f'sample ids {ids.tolist()} are not {self.batch} positions in the '
+                       f'client\'s {len(self.images)} images')
+    return ids.astype(np.int64)
 
   # -------------------------------------------------------------------------
   # A step.
 
-  def forward(self) -> tuple[np.ndarray, np.ndarray]:
-    """(online smashed data of view 1, EMA smashed data of view 2) for the next batch."""
+  def forward(self, ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(online smashed data of view 1, EMA smashed data of view 2) for the next batch.
+
+    ``ids``: the batch's positions in ``images``; None: the next of the walk.
+    """
     if self._pending is not None:
       raise RuntimeError('forward() called twice: apply the gradient of the last step first')
-    view1, view2 = self.views(self.steps)
+    view1, view2 = self.views(self.steps, ids)
     query = self.model.infer(view1)
     if not self.trainable:
       key = self.model.infer(view2)
@@ -120,6 +143,16 @@ class EdgeClient:
     key = self.model.ema_infer(view2)
     self._pending = view1
     return query, key
+
+  @property
+  def step_in_progress(self) -> bool:
+    """Whether a forward() waits for its gradient."""
+    return self._pending is not None
+
+  def end_step(self, advance: bool) -> None:
+    """Ends a step that gets no gradient: a frozen step (``advance``) or one the server dropped."""
+    self._pending = None
+    self.steps += int(advance)
 
   def learning_rate(self, round_index: int) -> float:
     """The rate the next gradient will be applied with, in round ``round_index`` (from 0)."""
@@ -156,7 +189,7 @@ class EdgeClient:
     self._pending = None
 
   def save(self, path: str) -> None:
-    """Writes weights, seed and step count to ``path`` (npz) atomically.
+    """Writes weights, seed, step count and round to ``path`` (npz) atomically.
 
     The file is written beside ``path`` and renamed over it, so a power cut
     leaves either the old checkpoint or the new one.
@@ -164,7 +197,7 @@ class EdgeClient:
     arrays = {_WEIGHT_PREFIX + name: np.asarray(value)
               for name, value in self.get_weights().items()}
     arrays.update(format=np.int64(CHECKPOINT_FORMAT), seed=np.int64(self.seed),
-                  steps=np.int64(self.steps))
+                  steps=np.int64(self.steps), round=np.int64(self.round))
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix='.edge-ckpt-', suffix='.npz')
     try:
@@ -179,7 +212,7 @@ class EdgeClient:
       raise
 
   def load(self, path: str) -> None:
-    """Restores what ``save`` wrote: the weights, the seed and the step count."""
+    """Restores what ``save`` wrote: the weights, the seed, the step count and the round."""
     try:
       with np.load(path, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
@@ -199,3 +232,11 @@ class EdgeClient:
     self.set_weights(weights)
     self.seed = int(arrays['seed'])
     self.steps = int(arrays['steps'])
+    self.round = int(arrays.get('round', -1))  # absent from checkpoints written before it
+
+
+if __name__ == '__main__':
+  # The edge-client process (mocosfl_jax/edge/remote.py), kept out of this
+  # module's imports so that the library needs no grpcio.
+  from mocosfl_jax.edge import remote
+  sys.exit(remote.main())

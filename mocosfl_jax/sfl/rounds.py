@@ -20,6 +20,7 @@ from jax import lax
 from mocosfl_jax import compilation
 from mocosfl_jax.sfl import fedavg
 from mocosfl_jax.sfl.state import SimState
+from mocosfl_jax.sfl.step import RemoteRows
 
 
 @flax.struct.dataclass
@@ -122,7 +123,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
                weighting: str = 'uniform', one_program: bool = True,
                batch_multiplier: Sequence[int] | None = None,
                passes: int | None = None, frozen_clients: bool = False,
-               layout=None) -> Callable:
+               layout=None, exchange=None) -> Callable:
   """Builds ``run_round(state, data, key) -> (state, per-step metrics)``, compiled.
 
   ``batch_multiplier`` (num_clients,) gives client i the batch
@@ -153,6 +154,20 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   keeps the state split over the mesh's client axis and the pool's rows (its
   state and its images) split over the same axis while the round runs; pass
   the state placed by ``layout.place`` and the data by ``layout.data``.
+
+  ``exchange`` (edge clients, mocosfl_jax/serve.py) plays some clients from
+  other processes; the round then runs step by step on the host, whatever
+  ``one_program`` says, and the step must take ``remote`` (sfl/step.py).
+  ``exchange.round(round_index, pool, state)`` gives the round's exchange,
+  whose ``index`` (R,) holds the pool rows of remote clients, padded with the
+  pool size (R fixed for the run, so one program serves every round). Each
+  step it is asked for their smashed data, ``smashed(step, sample_ids (R, B))
+  -> (online, ema (R, B, ...), answered (R,) bool)``; a remote client that did
+  not answer gets batch size 0. Its ``gradients(step, grads (R, B, ...),
+  answered)`` sends their gradient slices back; at a sync, ``weights() ->
+  (online rows (R, ...), reported (R,) bool)`` collects their models, FedAvg
+  averages the clients that reported, and ``average(mean)`` sends the result
+  down. Only the R rows cross between the host and the device.
   """
   keep = layout.constrain if layout is not None else lambda tree: tree
   keep_rows = layout.constrain_rows if layout is not None else lambda x: x
@@ -223,6 +238,12 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
                      donate_argnums=0)
   finish_jit = jax.jit(finish, donate_argnums=0)
 
+  if exchange is not None:
+    return _round_with_exchange(
+        exchange, train_step, begin_jit, finish_jit, synchronise, keep, keep_rows,
+        pool_size=pool_size, steps=steps, sync_every=sync_every, rows=client_batches,
+        frozen_clients=frozen_clients)
+
   def run_round_stepwise(state: SimState, data: ClientData, key: jax.Array):
     pooled, pool, batches, batch_sizes, weights, keys = begin_jit(state, data, key)
     metrics = []
@@ -232,3 +253,61 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
       metrics.append(m)
     return finish_jit(state, pool, pooled), jax.tree.map(lambda *m: jnp.stack(m), *metrics)
   return run_round_stepwise
+
+
+def _round_with_exchange(exchange, train_step: Callable, begin_jit: Callable, finish_jit: Callable,
+                         synchronise: Callable, keep: Callable, keep_rows: Callable, *,
+                         pool_size: int, steps: int, sync_every: int, rows: np.ndarray,
+                         frozen_clients: bool) -> Callable:
+  """``make_round``'s round with remote clients (its ``exchange``), step by step on the host."""
+  def full_rows(index, values, fill):
+    """(R, ...) rows at pool rows ``index`` of a (pool_size, ...) array of ``fill``."""
+    return jnp.full((pool_size,) + values.shape[1:], fill, values.dtype).at[index].set(
+        values, mode='drop')
+
+  def remote_step(pooled, images, ids, sizes, index, online, ema, answered, key):
+    mask = full_rows(index, jnp.ones_like(answered), False)
+    remote = RemoteRows(mask, full_rows(index, online, 0), full_rows(index, ema, 0))
+    # A remote client that did not answer is absent: its rows are padding.
+    sizes = jnp.where(full_rows(index, ~answered, False), 0, sizes)
+    pooled, metrics, grads = train_step(pooled, keep_rows(images[ids]), key, sizes, remote)
+    grads = None if grads is None else grads[jnp.minimum(index, pool_size - 1)]
+    return keep(pooled), metrics, grads
+
+  def remote_sync(pooled, index, online, reported, weights):
+    """The remote clients' models in their rows, then FedAvg over the clients that reported."""
+    put = lambda full, part: full.at[index].set(
+        jnp.where(reported.reshape(reported.shape + (1,) * (part.ndim - 1)), part,
+                  full[jnp.minimum(index, pool_size - 1)]), mode='drop')
+    clients = pooled.clients.replace(
+        online=jax.tree.map(put, pooled.clients.online, online))
+    present = full_rows(index, reported, True)
+    weights = jnp.where(present, weights, 0.0)
+    return keep(pooled.replace(clients=synchronise(clients, weights / jnp.sum(weights))))
+
+  step_jit = compilation.jit(remote_step, donate_argnums=0)
+  sync_jit = jax.jit(remote_sync, donate_argnums=0)
+  first_row = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))
+
+  def run_round(state: SimState, data: ClientData, key: jax.Array):
+    pooled, pool, batches, _, weights, keys = begin_jit(state, data, key)
+    pool_rows = np.asarray(pool)
+    session = exchange.round(int(state.round), pool_rows, state)
+    index = np.asarray(session.index, np.int32)
+    sizes = jnp.asarray(rows[pool_rows])
+    batches = np.asarray(batches)
+    metrics = []
+    for i in range(steps):
+      online, ema, answered = session.smashed(i, batches[i][np.minimum(index, pool_size - 1)])
+      pooled, m, grads = step_jit(pooled, data.images, batches[i], sizes, index, online, ema,
+                                  np.asarray(answered), keys[i])
+      metrics.append(m)
+      if frozen_clients:
+        continue
+      session.gradients(i, np.asarray(grads), answered)
+      if (i + 1) % sync_every == 0 or i == steps - 1:
+        remote_online, reported = session.weights()
+        pooled = sync_jit(pooled, index, remote_online, np.asarray(reported), weights)
+        session.average(first_row(pooled.clients.online))
+    return finish_jit(state, pool, pooled), jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+  return run_round

@@ -20,8 +20,9 @@ forwards 1600).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,6 +32,20 @@ from mocosfl_jax.compilation import materialize
 from mocosfl_jax.privacy import ressfl as ressfl_lib
 from mocosfl_jax.sfl import moco, optim
 from mocosfl_jax.sfl.state import SimState
+
+
+@flax.struct.dataclass
+class RemoteRows:
+  """The pool rows whose smashed data comes from clients outside the program.
+
+  ``mask`` (n,) bool marks them; ``online`` and ``ema`` (n, B, ...) hold their
+  smashed data of view 1 (online model) and view 2 (EMA model), and anything
+  (zeros) in the other rows. A remote client that did not answer is a remote
+  row with batch size 0 (``batch_sizes``), so its rows are padding.
+  """
+  mask: jax.Array
+  online: jax.Array
+  ema: jax.Array
 
 
 def batched_client_apply(client_net, impl: str) -> Callable:
@@ -67,7 +82,7 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
                     server_lr: Callable, client_lr: Callable,
                     server_batch: int | None = None, symmetric: bool = True,
                     frozen_clients: bool = False, ressfl: ressfl_lib.ResSFL | None = None):
-  """Builds ``train_step(state, images, key, batch_sizes=None) -> (state, metrics)``.
+  """Builds ``train_step(state, images, key, batch_sizes=None, remote=None) -> (state, metrics)``.
 
   ``state`` is a SimState whose per-client fields hold the pool's rows only;
   ``images`` is uint8 (n, B, H, W, 3), row j belonging to pool client j.
@@ -94,11 +109,19 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
   the gradient of its regulariser joins the client's slice of the server's
   gradient (privacy/ressfl.py). With ``ressfl.alpha`` 0 the attackers train
   and everything else is the plain step's.
+
+  ``remote`` (:class:`RemoteRows`, edge clients, mocosfl_jax/serve.py): the
+  marked rows' smashed data replaces what the program computes for them, and
+  the step returns ``(state, metrics, smashed_grads)``: dL/d(view-1 smashed
+  data), (n, B, ...), whose marked rows go back to their clients (None with
+  ``frozen_clients``). The marked rows' online, EMA and optimiser state (and
+  attacker) stay as they were: their owners update themselves. Their step
+  counts advance, as their data walk does.
   """
   clients_forward = batched_client_apply(client_net, client_impl)
 
   def train_step(state: SimState, images: jax.Array, key: jax.Array,
-                 batch_sizes: jax.Array | None = None):
+                 batch_sizes: jax.Array | None = None, remote: RemoteRows | None = None):
     n, b = images.shape[:2]
     if batch_sizes is None:
       valid = None
@@ -125,6 +148,9 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       smashed_q, clients_vjp = jax.vjp(lambda p: clients_forward(p, view1), c.online)
       client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
     smashed_k = lax.stop_gradient(clients_forward(client_ema, view2))
+    if remote is not None:
+      smashed_q = _rows_where(remote.mask, remote.online.astype(smashed_q.dtype), smashed_q)
+      smashed_k = _rows_where(remote.mask, remote.ema.astype(smashed_k.dtype), smashed_k)
 
     # Vector concatenation: one server batch of n*B rows in pool order (with
     # ragged batches, the server forward gathers the valid ones from it).
@@ -187,6 +213,10 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       # Padding rows are masked out of the loss, so their slices are zero.
       (client_grads,) = clients_vjp(cotangent)
       online, client_opt = jax.vmap(client_update)(client_grads, c.opt, c.online, lr_clients)
+    if remote is not None:
+      keep = lambda new, old: _rows_where(remote.mask, old, new)
+      online, client_ema, client_opt, attackers = keep(
+          (online, client_ema, client_opt, attackers), (c.online, c.ema, c.opt, c.attacker))
     new_state = state.replace(
         server=server_vars, server_ema=server_ema, server_opt=server_opt,
         clients=c.replace(online=online, ema=client_ema, opt=client_opt, steps=c.steps + 1,
@@ -194,9 +224,18 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
         queue=queue, step=state.step + 1)
     metrics = {'loss': loss, 'contrastive_accuracy': accuracy,
                'lr_server': lr_server, 'lr_client': jnp.mean(lr_clients), **privacy_metrics}
+    if remote is not None:
+      return new_state, metrics, None if frozen_clients else cotangent
     return new_state, metrics
 
   return train_step
+
+
+def _rows_where(mask: jax.Array, chosen: Any, other: Any) -> Any:
+  """Leaf by leaf, ``chosen``'s rows where ``mask`` (n,) holds, ``other``'s elsewhere."""
+  def pick(a, b):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(pick, chosen, other)
 
 
 def _compacting_forward(server_net, valid: jax.Array, rows: int) -> Callable:

@@ -1,0 +1,126 @@
+"""End to end: the server with edge-client processes (LiteRT, gRPC on 127.0.0.1), set up by the demo.
+
+edge_demo_config.py's run: 6 clients, 3 a round, fixed views, one round. Its
+pools are [3, 4, 5], then [0, 3, 2] and [1, 4, 0], so edge clients 3 and 4
+both train in round 0, with a sync. One export and one pure simulation serve
+both tests.
+"""
+import json
+import os
+import pathlib
+import subprocess
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mocosfl_jax import evaluate, train
+from mocosfl_jax.config_checks import ConfigError
+from mocosfl_jax.edge import demo
+from mocosfl_jax.export import client as client_lib
+from mocosfl_jax.export import workdir as workdir_lib
+
+import edge_demo_config
+
+CONFIG_FILE = str(pathlib.Path(edge_demo_config.__file__))
+EDGE = (3, 4)
+RUN_S = 300  # a generous bound on a server run of seconds
+# LiteRT's float32 kernels against XLA's: the same arithmetic in another order.
+RTOL, ATOL = 2e-4, 2e-5
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  return demo.export_model(edge_demo_config.get_config(), tmp_path_factory.mktemp('none'),
+                           tmp_path_factory.mktemp('export') / demo.MODEL)
+
+
+@pytest.fixture(scope='module')
+def simulation(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('simulation')
+  train.run(edge_demo_config.get_config(), workdir)
+  return workdir
+
+
+def records(workdir):
+  """The rounds' records of metrics.jsonl (not the kNN at initialisation)."""
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if 'loss' in r]
+
+
+def final_state(workdir, config):
+  path = workdir / 'checkpoints' / str(config.num_rounds)
+  return evaluate.read_checkpoint(
+      path, state=ocp.args.StandardRestore(workdir_lib.abstract_state(config))).state
+
+
+def serve(tmp_path, exported, monkeypatch, *overrides):
+  """The demo's server and edge clients, started; (setup, processes)."""
+  # The server's config file imports tiny.py.
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      [str(pathlib.Path(__file__).parent), os.environ.get('PYTHONPATH', '')]))
+  setup = demo.prepare(edge_demo_config.get_config(), tmp_path, EDGE, model=exported)
+  return setup, demo.start(setup, [f'--config={CONFIG_FILE}', *overrides], tmp_path)
+
+
+def assert_close(got, want, what):
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def edge_weights(setup, cid, group):
+  with np.load(setup.checkpoint(cid)) as archive:
+    prefix = 'weight:' + group + client_lib.SEPARATOR
+    return client_lib.unflatten({k[len(prefix):]: archive[k] for k in archive.files
+                                 if k.startswith(prefix)})
+
+
+def test_edge_processes_give_the_simulations_numbers(tmp_path, exported, simulation, monkeypatch):
+  config = edge_demo_config.get_config()
+  setup, processes = serve(tmp_path, exported, monkeypatch)
+  assert demo.finish(processes, RUN_S) == 0, (setup.folder / 'server.log').read_text()
+  assert all(p.returncode == 0 for p in processes.clients.values())
+  got, want = records(tmp_path), records(simulation)
+  assert [r.get('edge_drops') for r in got] == [0] * config.num_rounds
+  np.testing.assert_allclose([r['loss'] for r in got], [r['loss'] for r in want], rtol=RTOL)
+  served, pure = final_state(tmp_path, config), final_state(simulation, config)
+  assert_close(served.server['params'], pure.server['params'], 'server')
+  assert_close(served.queue.keys, pure.queue.keys, 'queue')
+  # After the round's FedAvg every client, simulated or not, holds the average.
+  assert_close(served.clients.online, pure.clients.online, 'clients')
+  simulated = np.asarray([i for i in range(config.num_clients) if i not in EDGE])
+  assert_close(jax.tree.map(lambda x: x[simulated], served.clients.ema),
+               jax.tree.map(lambda x: x[simulated], pure.clients.ema), 'simulated EMA')
+  for cid in EDGE:
+    row = lambda tree: jax.tree.map(lambda x: x[cid], tree)
+    assert_close(edge_weights(setup, cid, 'online'), row(pure.clients.online), f'edge {cid}')
+    assert_close(edge_weights(setup, cid, 'ema'), row(pure.clients.ema), f'edge {cid} EMA')
+
+
+def test_a_killed_edge_client_is_dropped_and_the_run_finishes(tmp_path, exported, monkeypatch):
+  # Client 4 is in the pools of rounds 0 and 2: killed after its first sync in
+  # round 0, it is missing from round 2 at the latest.
+  setup, processes = serve(tmp_path, exported, monkeypatch, '--config.num_rounds=3',
+                           '--config.edge.timeout_s=5')
+  victim = processes.clients[4]
+  while not setup.checkpoint(4).exists():
+    assert victim.poll() is None, (setup.folder / 'client_4.log').read_text()
+    with pytest.raises(subprocess.TimeoutExpired):  # the server waits for its clients
+      processes.server.wait(0.02)
+  victim.kill()
+  assert demo.finish(processes, RUN_S) == 0, (setup.folder / 'server.log').read_text()
+  assert processes.clients[3].returncode == 0
+  dropped = [d for r in records(tmp_path) for d in r.get('edge_dropped', [])]
+  assert dropped and {d['client_id'] for d in dropped} == {'4'}
+  assert records(tmp_path)[-1]['round'] == 3
+
+
+def test_bad_edge_client_counts_are_one_line_errors():
+  with pytest.raises(ConfigError, match='--edge_clients=7: give a number of edge clients from 1 '
+                     'to 6'):
+    demo.edge_ids(7, None, 6)
+  assert demo.edge_ids(2, None, 6) == [0, 1]
+  assert demo.edge_ids(None, '4,1', 6) == [1, 4]
+  assert demo.config_arguments(['--config', 'f.py', '--workdir=x', '--config.seed=1']) == [
+      '--config', 'f.py', '--config.seed=1']
