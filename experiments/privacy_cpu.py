@@ -12,8 +12,9 @@ CIFAR-10 from the npz copy at ``--data``, ResNet-18 at width 1/8, cut 1:
    for ``--steps`` steps, then the model-inversion attack on its final client;
 2. ``ressfl``: the same with the ResSFL regulariser (alpha 2, target SSIM
    0.6, the default 'custom' simulated attacker), attacked the same way;
-3. ``ressfl_strong``: only when ``ressfl``'s attack SSIM is not below
-   ``plain``'s, once more with a larger alpha and a lower target;
+3. ``ressfl_strong``: the same with a larger alpha and a lower target; by
+   default only when ``ressfl``'s attack SSIM is not below ``plain``'s,
+   always when ``--rows`` names it;
 4. ``expert``: TAResSFL stage 1 (configs/taressfl_expert.py) at CPU size:
    1% of CIFAR-10 as the target, scikit-learn's digits standing in for
    CIFAR-100, batch 64, ``--expert_rounds`` rounds;
@@ -129,6 +130,8 @@ def rows(root: pathlib.Path) -> dict[str, dict]:
                  'fields': {**ten_clients(stage2_rounds, stage2_rounds), 'auto_adjust': False,
                             'optim__lr': 0.03,
                             'init__from_workdir': str(root / 'expert'),
+                            # This script attacks every row alike itself.
+                            'privacy__attack_at_end': False,
                             'eval__final_probes': False}},
   }
 
@@ -252,7 +255,7 @@ def main(argv) -> None:
   done = {run['row']: run for run in results['runs'] if 'failed' not in run}
   for name in wanted:
     row = all_rows[name]
-    if name == 'ressfl_strong' and not needs_stronger(done):
+    if name == 'ressfl_strong' and _ROWS.value is None and not needs_stronger(done):
       print('ressfl_strong: skipped, ressfl\'s attack SSIM is already below plain\'s', flush=True)
       continue
     cmd = command(name, row, root)
