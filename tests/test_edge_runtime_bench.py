@@ -24,9 +24,9 @@ def test_measured_bytes_are_the_tensors_plus_framing():
   assert 2 * tensor < step['smashed_up'] <= 2 * (tensor + FRAMING)  # online and EMA views
   assert tensor < step['gradient_down'] <= tensor + FRAMING
   assert 0 < step['step_request_down'] <= FRAMING
-  # Up: the online and EMA models, a tensor each per parameter, named; down: the online average.
+  # Up: the online model, a tensor per parameter, named; down: the online average.
   names = sum(len(f'online__{name}') + FRAMING for name in SHAPES)
-  assert 2 * model < sync['weights_up'] <= 2 * (model + names)
+  assert model < sync['weights_up'] <= model + names
   assert model < sync['average_down'] <= model + names
   assert measured['syncs'] == 2 and set(measured['wire']['up']) == {'smashed', 'weights'}
   # TCP carries the messages and HTTP/2's frames around them.

@@ -241,9 +241,9 @@ def test_non_finite_state_stops_the_run_and_keeps_the_checkpoints(
   resumed = _checkpoint_rounds(tmp_path)[0]
   build = train.build
 
-  def diverging_build(config):
+  def diverging_build(config, edge=None):
     """The experiment, with a NaN in one server weight after each round."""
-    experiment = build(config)
+    experiment = build(config, edge)
     run_round = experiment.run_round
 
     def diverging_round(state, data, key):

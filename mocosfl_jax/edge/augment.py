@@ -28,10 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-# 'none': no augmentation, both views the image itself (resized to the model's
-# size): fixed views, so that a run with edge clients can be compared with the
-# pure simulation number for number (the simulator's moco.augmentation='none').
-VERSIONS = ('mocov2', 'mocov1', 'none')
+VERSIONS = ('mocov2', 'mocov1')
+# No augmentation, both views the image itself (resized to the model's size):
+# fixed views, so that a run with edge clients can be compared with the pure
+# simulation number for number (the simulator's moco.augmentation='none').
+FIXED = 'none'
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -41,7 +42,7 @@ JITTER_P = 0.8
 JITTER_LOW = (0.6, 0.6, 0.6, -0.1)
 JITTER_HIGH = (1.4, 1.4, 1.4, 0.1)
 GRAYSCALE_P = 0.2
-BLUR_P = {'mocov2': 0.5, 'mocov1': 0.0, 'none': 0.0}
+BLUR_P = {'mocov2': 0.5, 'mocov1': 0.0}
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_RADIUS = 6
 FLIP_P = 0.5
@@ -68,8 +69,9 @@ class ViewParams(NamedTuple):
 
 
 def check_version(version: str) -> None:
-  if version not in VERSIONS:
-    raise ValueError(f'unknown augmentation version {version!r}; allowed: {", ".join(VERSIONS)}')
+  if version not in VERSIONS + (FIXED,):
+    raise ValueError(f'unknown augmentation version {version!r}; '
+                     f'allowed: {", ".join(VERSIONS + (FIXED,))}')
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def pair_views(rng: np.random.Generator, images: np.ndarray, version: str = 'moc
                      'expected uint8 (B, H, W, 3)')
   batch, height, width = images.shape[:3]
   pixels = images.astype(np.float32) / np.float32(255)
-  if version == 'none':
+  if version == FIXED:
     whole = np.zeros(batch, np.int64), np.full(batch, height), np.full(batch, width)
     view = resized_crop(pixels, whole[0], whole[0], whole[1], whole[2], out_size)
     return view, view.copy()
