@@ -417,7 +417,7 @@ def run_part(edge_counts: list[int], rounds: int, folder: str) -> dict:
   """The server loop with 0 and more real edge clients; see the module's docstring."""
   from mocosfl_jax import train  # pylint: disable=import-outside-toplevel
   from mocosfl_jax import overhead  # pylint: disable=import-outside-toplevel
-  from mocosfl_jax.edge import demo  # pylint: disable=import-outside-toplevel
+  from mocosfl_jax import edge_demo as demo  # pylint: disable=import-outside-toplevel
   steps_per_round, sync_every = 6, 3
   num = max(max(edge_counts), 1)
   config = run_config(16 if num <= 16 else num, steps_per_round, sync_every)

@@ -9,15 +9,16 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mocosfl_jax import edge_demo as demo
 from mocosfl_jax import evaluate, train
 from mocosfl_jax.config_checks import ConfigError
-from mocosfl_jax.edge import demo
 from mocosfl_jax.export import client as client_lib
 from mocosfl_jax.export import workdir as workdir_lib
 
@@ -124,3 +125,14 @@ def test_bad_edge_client_counts_are_one_line_errors():
   assert demo.edge_ids(None, '4,1', 6) == [1, 4]
   assert demo.config_arguments(['--config', 'f.py', '--workdir=x', '--config.seed=1']) == [
       '--config', 'f.py', '--config.seed=1']
+
+
+def test_the_edge_package_command_hands_over_to_the_server_side_demo(tmp_path):
+  """mocosfl_jax/edge/demo.py (jax-free) runs edge_demo.py with its arguments and status."""
+  done = subprocess.run(
+      [sys.executable, '-m', 'mocosfl_jax.edge.demo', f'--config={CONFIG_FILE}',
+       f'--workdir={tmp_path / "run"}', '--edge_clients=9'],
+      cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      'error: --edge_clients=9: give a number of edge clients from 1 to 6 (or --edge_ids)']

@@ -17,10 +17,10 @@ device such as a Raspberry Pi 4B (64-bit OS). Its modules:
   clients (numpy and protobuf only);
 - ``remote``: the edge-client process, ``python -m mocosfl_jax.edge.client``,
   which serves a server's requests over gRPC (adds grpcio);
-- ``demo``: a server-side tool (imports JAX, runs on the server's machine)
-  that writes the clients' files and starts a server and its edge clients
-  on 127.0.0.1, ``python -m mocosfl_jax.edge.demo``.
+- ``demo``: ``python -m mocosfl_jax.edge.demo``, which hands its command line
+  to the server-side mocosfl_jax/edge_demo.py (it imports JAX): that writes
+  the clients' files and starts a server and its edge clients on 127.0.0.1.
 
-Nothing here but ``demo`` imports the rest of ``mocosfl_jax``, and the package imports no
+Nothing here imports the rest of ``mocosfl_jax``, and the package imports no
 submodule itself: ``from mocosfl_jax.edge.client import EdgeClient``.
 """
