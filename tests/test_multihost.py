@@ -17,13 +17,13 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from mocosfl_jax import checkpoint, distributed, train
+from mocosfl_jax import distributed, train
 from mocosfl_jax.config_checks import ConfigError
 
 import multihost_config
+import test_sharding
 
 HERE = pathlib.Path(__file__).parent
 FAST_COMPILE = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -79,14 +79,7 @@ def _abstract_state():
 
 def _state(workdir, round_):
   """The state of ``workdir``'s checkpoint of ``round_``, on one device."""
-  abstract = _abstract_state()
-  manager = ocp.CheckpointManager((workdir / checkpoint.CHECKPOINT_DIR).absolute(),
-                                  item_names=('state', 'meta'))
-  try:
-    return jax.device_get(manager.restore(round_, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract))).state)
-  finally:
-    manager.close()
+  return test_sharding.state(workdir, round_, _abstract_state())
 
 
 def test_two_processes_give_the_numbers_of_one(runs):

@@ -58,7 +58,7 @@ def _losses(workdir):
   return [r['loss'] for r in records if 'loss' in r]
 
 
-def _state(workdir, round_, abstract):
+def state(workdir, round_, abstract):
   """The state of ``workdir``'s checkpoint of ``round_``, on one device."""
   manager = ocp.CheckpointManager((workdir / checkpoint.CHECKPOINT_DIR).absolute(),
                                   item_names=('state', 'meta'))
@@ -85,12 +85,12 @@ def test_eight_devices_give_the_numbers_of_one_and_resume_across_counts(tmp_path
     np.testing.assert_allclose(_losses(tmp_path / name), _losses(one), rtol=1e-3, err_msg=name)
   # A round on 8 devices sums in another order than on 1: its state agrees to
   # float rounding (5e-7 seen).
-  _assert_close(_state(eight, 1, abstract), _state(one, 1, abstract), 1e-5, 'round 1')
+  _assert_close(state(eight, 1, abstract), state(one, 1, abstract), 1e-5, 'round 1')
   # A resumed round agrees with the uninterrupted one. Not as closely for
   # eight's checkpoint: from it, the tiny model's second round amplifies
   # rounding differences to 3e-3 (two rounds in memory, without checkpoints,
   # differ as much).
-  _assert_close(_state(tmp_path / 'one_then_eight', 2, abstract), _state(one, 2, abstract),
+  _assert_close(state(tmp_path / 'one_then_eight', 2, abstract), state(one, 2, abstract),
                 1e-4, 'one_then_eight')
-  _assert_close(_state(tmp_path / 'eight_then_one', 2, abstract), _state(eight, 2, abstract),
+  _assert_close(state(tmp_path / 'eight_then_one', 2, abstract), state(eight, 2, abstract),
                 2e-2, 'eight_then_one')
