@@ -5,8 +5,7 @@ A subprocess because the device count is fixed when JAX starts. In ``DIR``:
 1 and over 8 devices; ``one_then_eight`` resumes ``one``'s checkpoint of
 round 1 on 8 devices and ``eight_then_one`` resumes ``eight``'s on 1. With
 ``mesh.devices=1`` a run compiles the program of a one-device process.
-Programs are compiled unoptimised (as test_gpu_check's): each runs only a
-few times.
+Programs compile as the suite's do (conftest.py's XLA_FLAGS, inherited).
 """
 import os
 import pathlib
@@ -14,9 +13,7 @@ import shutil
 import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8'
-                           + ' --xla_backend_optimization_level=0'
-                           + ' --xla_llvm_disable_expensive_passes=true')
+                           + ' --xla_force_host_platform_device_count=8')
 
 import jax  # pylint: disable=wrong-import-position
 

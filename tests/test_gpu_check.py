@@ -1,6 +1,5 @@
 """experiments/gpu_check.py end to end at toy sizes on the CPU, so the kit runs on a first GPU."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,8 +11,6 @@ sys.path.insert(0, str(ROOT / 'experiments'))
 
 import gpu_check  # noqa: E402
 
-# Unoptimised compiles (as twins.QUICK_COMPILE): the check's programs each run a few times.
-QUICK_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
 @pytest.fixture(scope='module')
@@ -21,11 +18,10 @@ def tiny_check(tmp_path_factory):
   """The JSON and out dir of one tiny check: one setting and formulation, both round
   formulations, and a one-round accuracy run with its kNN curve."""
   out = tmp_path_factory.mktemp('gpu_check')
-  env = {**os.environ, 'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {QUICK_XLA_FLAGS}'}
   done = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'gpu_check.py'), '--tiny',
                          '--out-dir', str(out), '--settings', 'a', '--bf16-settings', '',
                          '--impls', 'matmul', '--accuracy-steps', '2', '--knn-every', '1'],
-                        env=env, cwd=ROOT, capture_output=True, text=True)
+                        cwd=ROOT, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads((out / 'gpu_check.json').read_text()), out
 

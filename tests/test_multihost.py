@@ -26,7 +26,6 @@ import multihost_config
 import test_sharding
 
 HERE = pathlib.Path(__file__).parent
-FAST_COMPILE = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 # A hang (a collective that one process never joins) fails rather than blocks the suite.
 TIMEOUT_S = 480
 
@@ -38,7 +37,7 @@ def _free_port() -> int:
 
 
 def _start(workdir: pathlib.Path, devices: int, *flags: str) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + FAST_COMPILE
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
              + f' --xla_force_host_platform_device_count={devices}')
   command = [sys.executable, '-m', 'mocosfl_jax.main', '--config=multihost_config.py',
              f'--workdir={workdir}', *flags]
