@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.moco.queue_size = 6000     # K keys shared by all clients (K // N per client without sharing)
   c.moco.temperature = 0.1     # InfoNCE temperature
   c.moco.ema_decay = 0.99      # tau of the client and server EMA models (hard-coded in the reference)
+  c.moco.ema_dtype = 'float32'  # float32 | bfloat16: storage of the per-client EMA client models
+                               # (updated in float32, stored with stochastic rounding: a sixth
+                               # less per-client state; README "bfloat16 EMA models")
   c.moco.feature_sharing = True  # one shared queue; False = one queue per client
 
   c.optim = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ ENUMS = {
     'data.partition': partition.PARTITIONS,
     'model.client_impl': ('auto', 'vmap', 'map', 'matmul'),
     'model.dtype': ('float32', 'bfloat16'),
+    'moco.ema_dtype': ('float32', 'bfloat16'),
     'moco.version': tuple(heads.HEADS),
     'moco.augmentation': ('auto',) + augment.VERSIONS + (augment.FIXED,),
     'moco.loss': moco.LOSSES,

@@ -105,7 +105,8 @@ def export_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     state = init_from.load_into(state, config)
   first = lambda tree: jax.tree.map(lambda x: np.asarray(x[0]), tree)
   c = state.clients
-  exporter.export_client(config, first(c.online), first(c.ema),
+  exporter.export_client(config, first(c.online),
+                         jax.tree.map(lambda x: x.astype(np.float32), first(c.ema)),
                          jax.tree.map(np.zeros_like, first(c.online)), out,
                          batch=config.batch_size, source={'note': 'the initial state'})
   return pathlib.Path(out)

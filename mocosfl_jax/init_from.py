@@ -103,9 +103,10 @@ def load_into(state, config):
   client0 = jax.tree.map(lambda x: x[0], state.clients.online)
   client = _fitted(expert.online, client0, 'client model', where)
   # Separate buffers for online and EMA: a round donates both.
-  every = lambda: jax.tree.map(lambda x, full: jnp.array(np.broadcast_to(x, full.shape)),
-                               client, state.clients.online)
-  state = state.replace(clients=state.clients.replace(online=every(), ema=every()))
+  every = lambda like: jax.tree.map(
+      lambda x, full: jnp.array(np.broadcast_to(x, full.shape), full.dtype), client, like)
+  state = state.replace(clients=state.clients.replace(online=every(state.clients.online),
+                                                      ema=every(state.clients.ema)))
   loaded = 'client'
   if config.init.load_server:
     server = _fitted(expert.server, state.server, 'server model', where)

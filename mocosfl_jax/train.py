@@ -89,7 +89,7 @@ class Experiment:
         state_lib.init_state, client_net=self.client_net, server_net=self.server_net,
         server_tx=self.server_tx, client_tx=self.client_tx, num_clients=c.num_clients,
         image_size=c.model.image_size, queue_size=c.moco.queue_size,
-        feature_sharing=c.moco.feature_sharing)
+        feature_sharing=c.moco.feature_sharing, ema_dtype=c.moco.ema_dtype)
     # ResSFL's attackers, when it is on, are per-client state too.
     with_attackers = lambda key: ressfl.add_attackers(init(key), key, c, self.client_net)
     # Compiled: run op by op, initialisation takes longer than compiling it.

@@ -52,7 +52,8 @@ def init_state(config: ml_collections.ConfigDict):
   init = functools.partial(
       state_lib.init_state, client_net=client_net, server_net=server_net, server_tx=tx,
       client_tx=tx, num_clients=config.num_clients, image_size=config.model.image_size,
-      queue_size=config.moco.queue_size, feature_sharing=config.moco.feature_sharing)
+      queue_size=config.moco.queue_size, feature_sharing=config.moco.feature_sharing,
+      ema_dtype=config.moco.ema_dtype)
   return lambda key: ressfl.add_attackers(init(key), key, config, client_net)
 
 
@@ -96,7 +97,9 @@ def load(workdir: str | pathlib.Path, selection: str = 'latest') -> Client:
   first = lambda tree: jax.tree.map(lambda x: np.asarray(x[0]), tree)
   c = state.clients
   step = int(c.steps[0])
-  return Client(config, first(c.online), first(c.ema), first(client_lib.momentum_of(c.opt)),
+  # A device keeps its EMA model in float32, whatever moco.ema_dtype stored.
+  ema = jax.tree.map(lambda x: x.astype(np.float32), first(c.ema))
+  return Client(config, first(c.online), ema, first(client_lib.momentum_of(c.opt)),
                 step, {**source, 'round': round_, 'client_steps': step},
                 jax.tree.map(np.asarray, state.server))
 

@@ -6,8 +6,15 @@ import jax.numpy as jnp
 
 
 def average(stacked, weights: jax.Array):
-  """Weighted mean over the leading (pool) axis of every leaf; weights sum to one."""
-  return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
+  """Weighted mean over the leading (pool) axis of every leaf; weights sum to one.
+
+  Summed in float32 at least, and stored in the leaf's dtype: a bfloat16 sum
+  of a large pool would round at every term (moco.ema_dtype).
+  """
+  def mean(x):
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.tensordot(weights.astype(wide), x.astype(wide), axes=1).astype(x.dtype)
+  return jax.tree.map(mean, stacked)
 
 
 def average_and_broadcast(stacked, weights: jax.Array):

@@ -30,7 +30,7 @@ from jax import lax
 
 from mocosfl_jax.compilation import materialize
 from mocosfl_jax.privacy import ressfl as ressfl_lib
-from mocosfl_jax.sfl import moco, optim
+from mocosfl_jax.sfl import moco, optim, state as state_lib
 from mocosfl_jax.sfl.state import SimState
 
 
@@ -146,8 +146,13 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
       client_ema = c.online
     else:
       smashed_q, clients_vjp = jax.vjp(lambda p: clients_forward(p, view1), c.online)
-      client_ema = optax.incremental_update(c.online, c.ema, 1.0 - ema_decay)
+      # In float32 whatever moco.ema_dtype stores: the forward and the loss
+      # see the dtypes they always did.
+      client_ema = optax.incremental_update(
+          c.online, jax.tree.map(lambda e, o: e.astype(o.dtype), c.ema, c.online),
+          1.0 - ema_decay)
     smashed_k = lax.stop_gradient(clients_forward(client_ema, view2))
+    client_ema = state_lib.store_ema(client_ema, c.ema, jax.random.fold_in(key, 1))
     if remote is not None:
       smashed_q = _rows_where(remote.mask, remote.online.astype(smashed_q.dtype), smashed_q)
       smashed_k = _rows_where(remote.mask, remote.ema.astype(smashed_k.dtype), smashed_k)
