@@ -71,10 +71,11 @@ class Setup:
 
 @dataclasses.dataclass
 class Processes:
-  """The running demo: the server, the edge clients by id, and their log files."""
+  """The running demo: the server, the edge clients by id, their log files and the port."""
   server: subprocess.Popen
   clients: dict[int, subprocess.Popen]
   logs: list
+  port: int
 
 
 def edge_ids(count: int | None, ids: str | None, num_clients: int) -> list[int]:
@@ -203,7 +204,7 @@ def start(setup: Setup, config_args: Sequence[str], workdir, port: int | None = 
   # Started before the server listens, the clients would back off for seconds.
   wait_listening(port, server)
   clients = {cid: launch(client_command(setup, cid, port), f'client_{cid}') for cid in setup.ids}
-  return Processes(server, clients, logs)
+  return Processes(server, clients, logs, port)
 
 
 def finish(processes: Processes, timeout_s: float | None = None) -> int:
@@ -238,6 +239,7 @@ def config_arguments(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv):
+  del argv  # what absl left: the flags, the server's among them, are taken out
   from mocosfl_jax import cli  # pylint: disable=import-outside-toplevel
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
@@ -247,7 +249,7 @@ def main(argv):
   except (cli.OutputPathError, ConfigError, ValueError, OSError,
           checkpoint.CheckpointError) as e:  # DataError, ExportError, EvaluationError: ValueErrors
     sys.exit(f'error: {e}')
-  config_args = config_arguments(argv[1:])
+  config_args = config_arguments(sys.argv[1:])
   processes = start(setup, config_args, workdir)
   print(f'demo: server and edge clients {", ".join(map(str, ids))} started; logs in '
         f'{setup.folder}', flush=True)

@@ -79,12 +79,15 @@ class EdgeHub:
       unknown; None: any id without a token is unknown.
     log: where the one-line events go (connections, refusals, drops, ignored
       replies); default: the 'mocosfl_jax.edge' logger at WARNING.
+    hold_welcomes: a client that connects before ``set_welcome`` is called
+      waits for its Welcome until then (a server restoring its state: without
+      the weights, the client would go on with whatever model it holds).
   """
 
   def __init__(self, listen: str, tokens: Mapping[str, str], timeout_s: float = 30.0,
                max_message_bytes: int = 64 << 20, tls_cert: str | None = None,
                tls_key: str | None = None, known_ids: Iterable[str] | None = None,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, hold_welcomes: bool = False):
     if (tls_cert is None) != (tls_key is None):
       raise HubError('give both --tls_cert and --tls_key, or neither')
     if timeout_s <= 0 or max_message_bytes <= 0:
@@ -102,8 +105,10 @@ class EdgeHub:
     self._drops: list[dict] = []
     self._traffic: dict[tuple[str, str, str], list[int]] = {}  # (id, way, body) -> [count, bytes]
     self._seq = itertools.count(1)
-    self._round = 0
+    # The round of the latest average: what a Welcome's weights are.
+    self._round = -1
     self._welcome: Callable[[str], Mapping[str, np.ndarray] | None] | None = None
+    self._held = hold_welcomes
     self._server = None
     self.address: str | None = None
 
@@ -168,9 +173,18 @@ class EdgeHub:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def set_welcome(self, fn: Callable[[str], Mapping[str, np.ndarray] | None] | None) -> None:
-    """``fn(client_id)`` gives the weights a (re)joining client loads ({name: float32}), or None."""
-    self._welcome = fn
+  def set_welcome(self, fn: Callable[[str], Mapping[str, np.ndarray] | None] | None,
+                  round: int | None = None) -> None:
+    """``fn(client_id)`` gives the weights a (re)joining client loads ({name: float32}), or None.
+
+    ``round``: the round whose average they are (-1: none), until the next
+    ``average``. Releases the Welcomes that ``hold_welcomes`` held.
+    """
+    with self._cond:
+      self._welcome, self._held = fn, False
+      if round is not None:
+        self._round = int(round)
+      self._cond.notify_all()
 
   def connected(self) -> set[str]:
     with self._cond:
@@ -279,6 +293,7 @@ class EdgeHub:
               weights: Mapping[str, np.ndarray]) -> None:
     """Broadcasts the averaged weights (FedAvg) to the clients; they load them and checkpoint."""
     named = protocol.encode_named({k: np.asarray(v, np.float32) for k, v in weights.items()})
+    self._round = round
     for cid in client_ids:
       if not self._send(cid, 'Average', weights=named, round=round):
         self._drop(cid, round, None, 'not connected for the average')
@@ -298,7 +313,6 @@ class EdgeHub:
 
   def _exchange(self, round: int, step: int | None, bodies: Mapping[str, tuple]) -> dict:
     """Sends each client its request and waits up to timeout_s for the replies that came."""
-    self._round = round
     deadline = time.monotonic() + self.timeout_s
     sent = {}
     with self._cond:
@@ -381,9 +395,12 @@ class EdgeHub:
     self._log(f'edge: client {cid} connected from {peer} (step {hello.steps}, last average '
               f'round {hello.round}){"; it replaces its previous connection" if old else ""}')
     self._count(cid, 'up', first)
-    welcome = self._welcome_message(cid)
-    self._count(cid, 'down', welcome)
-    yield welcome
+    with self._cond:
+      self._cond.wait_for(lambda: not self._held or not session.alive)
+    if session.alive:
+      welcome = self._welcome_message(cid)
+      self._count(cid, 'down', welcome)
+      yield welcome
     while True:
       message = session.outbox.get()
       if message is None:

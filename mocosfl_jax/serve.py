@@ -11,8 +11,16 @@ its smashed data instead of the simulated forward and sends its gradient
 slice back; at a sync it collects its online weights, averages the clients
 that reported and sends the average down. The simulated clients stay
 vmapped. A client that does not answer is absent for that step (or sync),
-and each round's drop-outs go into metrics.jsonl. Restarted, the server
-resumes from its checkpoint; a (re)joining client loads the latest average.
+and each round's drop-outs go into metrics.jsonl.
+
+Restarted, the server resumes from its checkpoint, and the server's checkpoint
+decides the shared model: a client that connects while the server restores its
+state waits for its Welcome, and every (re)joining client loads the latest
+average from it (after a restart, the checkpoint's), whatever its own
+checkpoint holds. What only the client holds, its EMA model, its momentum and
+its step count, comes from its own local checkpoint (or, still running, from
+its memory): the steps since the server's checkpoint are trained again, and
+the clients' EMA models and momenta take them twice.
 Errors the user can fix print one ``error:`` line and exit with status 1.
 """
 from __future__ import annotations
@@ -112,7 +120,10 @@ class EdgeRuntime:
     simulation's.
     """
     self._latest = online_flat(jax.tree.map(lambda x: x[self.ids[0]], state.clients.online))
-    self.hub.set_welcome(self.welcome)
+    # Every client holds the average of the state's last round (the initial
+    # model before round 0): a resumed server's checkpoint decides the online
+    # model of every client that (re)joins, whatever the client's own checkpoint holds.
+    self.hub.set_welcome(self.welcome, round=int(state.round) - 1)
     names = [str(i) for i in self.ids]
     missing = sorted(set(names) - self.hub.wait_connected(names, self.wait_s), key=int)
     if missing:
@@ -214,7 +225,8 @@ def main(argv):
         _LISTEN.value, edge_hub.read_tokens(_TOKEN_FILE.value, names),
         timeout_s=config.edge.timeout_s, max_message_bytes=int(config.edge.max_message_mb * 2**20),
         tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value,
-        known_ids=[str(i) for i in range(config.num_clients)], log=log.warning)
+        known_ids=[str(i) for i in range(config.num_clients)], log=log.warning,
+        hold_welcomes=True)
     hub.start()
     train.run(config, _WORKDIR.value, fresh=_FRESH.value,
               edge=EdgeRuntime(hub, ids, _WAIT_S.value))

@@ -553,6 +553,23 @@ def metrics_writer(workdir: pathlib.Path, resume_from_round: int | None):
   return contextlib.nullcontext(_Discarded())
 
 
+def round_record(step_metrics: dict) -> dict:
+  """A round's record: the means of its steps' metrics.
+
+  A step of edge clients that all dropped out (``valid_rows`` 0, sfl/step.py)
+  has no loss or accuracy: those are the means over the other steps, None
+  when there are none.
+  """
+  record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
+  rows = np.asarray(step_metrics.get('valid_rows', 1))
+  if np.all(rows > 0):
+    return record
+  for name in ('loss', 'contrastive_accuracy'):
+    values = np.asarray(step_metrics[name])[rows > 0]
+    record[name] = float(np.mean(values)) if values.size else None
+  return record
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """One boolean on the device: no floating-point leaf of ``tree`` holds NaN or inf."""
@@ -645,6 +662,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     state = exp.init_state(init_key)
     if c.init.from_workdir:
       state = init_from.load_into(state, c)
+    if exp.layout is None:
+      # Committed to the device, as a restored state is: the programs are then
+      # the same, and a resumed process finds them in the persistent compilation cache.
+      state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     start, knn_history, train_seconds, elapsed_before = 0, [], 0.0, 0.0
     timed_rounds, timed_seconds = 0, 0.0
   else:
@@ -693,20 +714,22 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       # A process's first round compiles the round program: throughput leaves it out.
       if r > start:
         timed_rounds, timed_seconds = timed_rounds + 1, timed_seconds + seconds
-      record = {k: float(np.mean(v)) for k, v in step_metrics.items()}
+      record = round_record(step_metrics)
       # Drop-outs of edge clients: always recorded.
       edge_record = {} if edge is None else edge.round_record()
       record.update(edge_record)
       rounds_done = r + 1
-      if not (np.isfinite(record['loss']) and finite):
-        what = ('parameters' if np.isfinite(record['loss'])
+      trained = record['loss'] is not None  # else every step's edge clients dropped out
+      if not ((not trained or np.isfinite(record['loss'])) and finite):
+        what = ('parameters' if not trained or np.isfinite(record['loss'])
                 else f'loss {record["loss"]}')
         raise FloatingPointError(
             f'non-finite {what} in round {rounds_done} '
             f'(steps {r * exp.steps_per_round + 1}-{rounds_done * exp.steps_per_round}); '
             + (f'the checkpoint of round {last_saved} is kept' if last_saved
                else 'no checkpoint was saved'))
-      warning = collapse.check(rounds_done, record['loss'], record['contrastive_accuracy'])
+      warning = trained and collapse.check(rounds_done, record['loss'],
+                                           record['contrastive_accuracy'])
       if warning:
         log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
@@ -725,7 +748,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                       **record, 'elapsed_s': elapsed()})
       if paced_since is None:
         paced_since = time.time()
-      bar.set_postfix({'loss': f'{record["loss"]:.3f}', 'knn': f'{knn_history[-1][1]:.1f}',
+      bar.set_postfix({'loss': f'{record["loss"]:.3f}' if trained else '-',
+                       'knn': f'{knn_history[-1][1]:.1f}',
                        'left': time_left(c.num_rounds - rounds_done, r - start,
                                          time.time() - paced_since)})
       # Saved after the round's record is written: a resume from this

@@ -8,8 +8,10 @@ both tests.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -99,22 +101,66 @@ def test_edge_processes_give_the_simulations_numbers(tmp_path, exported, simulat
     assert_close(edge_weights(setup, cid, 'ema'), row(pure.clients.ema), f'edge {cid} EMA')
 
 
-def test_a_killed_edge_client_is_dropped_and_the_run_finishes(tmp_path, exported, monkeypatch):
-  # Client 4 is in the pools of rounds 0 and 2: killed after its first sync in
-  # round 0, it is missing from round 2 at the latest.
-  setup, processes = serve(tmp_path, exported, monkeypatch, '--config.num_rounds=3',
-                           '--config.edge.timeout_s=5')
-  victim = processes.clients[4]
-  while not setup.checkpoint(4).exists():
-    assert victim.poll() is None, (setup.folder / 'client_4.log').read_text()
+def wait_for(done, processes, what):
+  """Polls ``done()`` until it holds; fails if the server exits first or after RUN_S."""
+  deadline = time.monotonic() + RUN_S
+  while not done():
+    assert processes.server.poll() is None, (what, read_log(processes, 'server'))
+    assert time.monotonic() < deadline, f'no {what} after {RUN_S} s'
     with pytest.raises(subprocess.TimeoutExpired):  # the server waits for its clients
-      processes.server.wait(0.02)
+      processes.server.wait(0.05)
+
+
+def read_log(processes, name):
+  for log in processes.logs:
+    if not log.closed:
+      log.flush()
+  return (pathlib.Path(processes.logs[0].name).parent / f'{name}.log').read_text()
+
+
+def relaunch(processes, command, name):
+  """``command`` started again, its output appended to ``name``'s log."""
+  processes.logs.append(open(pathlib.Path(processes.logs[0].name).parent / f'{name}.log', 'a'))
+  return subprocess.Popen(command, stdout=processes.logs[-1], stderr=subprocess.STDOUT)
+
+
+def test_killed_clients_and_a_killed_server_restart_and_the_run_finishes(tmp_path, exported,
+                                                                         monkeypatch):
+  """Client 4 (pools [3, 4, 5], [0, 3, 2], [1, 4, 0]) is killed after its
+  checkpoint at round 0's first sync and drops out of round 0; the server is
+  killed after its checkpoint of round 1. Both restart with their commands:
+  the server resumes from its checkpoint, client 3, still running,
+  reconnects, and client 4 resumes from its own checkpoint and trains in round 2.
+  """
+  overrides = ['--config.num_rounds=3', '--config.edge.timeout_s=5']
+  setup, processes = serve(tmp_path, exported, monkeypatch, *overrides)
+  victim = processes.clients[4]
+  wait_for(setup.checkpoint(4).exists, processes, "client 4's checkpoint")
   victim.kill()
-  assert demo.finish(processes, RUN_S) == 0, (setup.folder / 'server.log').read_text()
-  assert processes.clients[3].returncode == 0
-  dropped = [d for r in records(tmp_path) for d in r.get('edge_dropped', [])]
-  assert dropped and {d['client_id'] for d in dropped} == {'4'}
-  assert records(tmp_path)[-1]['round'] == 3
+  victim.wait()
+  with np.load(setup.checkpoint(4)) as archive:
+    steps = int(archive['steps'])
+  wait_for((tmp_path / 'checkpoints' / '1').is_dir, processes, "the server's checkpoint")
+  processes.server.kill()
+  processes.server.wait()
+  processes.server = relaunch(processes, demo.server_command(
+      [f'--config={CONFIG_FILE}', *overrides], tmp_path, setup, processes.port), 'server')
+  processes.clients[4] = relaunch(processes, demo.client_command(setup, 4, processes.port),
+                                  'client_4')
+
+  assert demo.finish(processes, RUN_S) == 0, read_log(processes, 'server')
+  assert [p.returncode for p in processes.clients.values()] == [0, 0]
+  # Round 1's, or round 2's when the server finished round 2 before its checkpoint 1 landed.
+  assert re.search('resuming from the checkpoint of round [12] ', read_log(processes, 'server'))
+  assert 'edge client 3: connection lost' in read_log(processes, 'client_3')
+  # Even those that reconnected while the server restored its state: the server's model.
+  for cid in EDGE:
+    joins = re.findall(r'connected \(step \d+(.*)\)', read_log(processes, f'client_{cid}'))
+    assert len(joins) == 2 and set(joins) == {', loaded the server weights'}, joins
+  assert steps > 0 and f'edge client 4: step {steps}, connecting' in read_log(processes, 'client_4')
+  got = records(tmp_path)
+  assert [r['round'] for r in got] == [1, 2, 3]
+  assert {d['client_id'] for r in got for d in r.get('edge_dropped', [])} == {'4'}
 
 
 def test_bad_edge_client_counts_are_one_line_errors():

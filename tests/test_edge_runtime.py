@@ -249,10 +249,12 @@ def test_a_client_reconnects_to_a_restarted_server(hub):
   hub.wait_connected({'a'}, WAIT_S)
   address = hub.address
   hub.close(done=False, grace_s=0)  # the server dies
-  with EdgeHub(address, TOKENS, timeout_s=WAIT_S, log=[].append) as restarted:
-    restarted.set_welcome(lambda cid: {'online__w': np.full((3, 2), 7, np.float32)})
+  with EdgeHub(address, TOKENS, timeout_s=WAIT_S, log=[].append, hold_welcomes=True) as restarted:
+    # Connected while the server restores its state, the client waits for its Welcome.
     assert restarted.wait_connected({'a'}, WAIT_S) == {'a'}
+    restarted.set_welcome(lambda cid: {'online__w': np.full((3, 2), 7, np.float32)}, round=4)
     assert restarted.weights(0, ['a'])['a']['online__w'][0, 0] == 7  # the Welcome's weights
+    assert player.client.round == 4
   assert player.join() == 'done'
   assert any('connection lost' in line for line in player.logs)
 

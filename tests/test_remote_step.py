@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mocosfl_jax import train
 from mocosfl_jax.models import split
-from mocosfl_jax.sfl import optim, state as state_lib, step as step_lib
+from mocosfl_jax.sfl import fedavg, optim, rounds, state as state_lib, step as step_lib
 
 import twins
 
@@ -135,7 +136,45 @@ def test_a_dropped_remote_row_is_padding():
     mask = jnp.asarray(REMOTE)
     remote = step_lib.RemoteRows(mask, online * 0 + 1e3, ema * 0 - 1e3)
     mixed, metrics, grads = engine(True)(state, images, jax.random.key(0), sizes, remote)
+    assert int(metrics.pop('valid_rows')) == B * np.sum(~REMOTE)
     assert_trees(metrics, plain_metrics, 'metrics', rtol=1e-12)
     assert_trees((mixed.server, mixed.queue), (plain.server, plain.queue), 'server',
                  rtol=1e-12, atol=1e-14)
     assert not np.any(np.asarray(grads)[REMOTE])
+
+
+def test_a_step_whose_rows_all_dropped_changes_nothing():
+  """A pool of edge clients that all dropped out: no loss, no update, no NaN anywhere."""
+  with jax.enable_x64(True):
+    state, images, (online, ema) = setup()
+    remote = step_lib.RemoteRows(jnp.ones(N, bool), online * 0 + 1e3, ema * 0 - 1e3)
+    new, metrics, grads = engine(True)(state, images, jax.random.key(0), jnp.zeros(N, jnp.int32),
+                                       remote)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((new, metrics, grads)))
+    assert int(metrics['valid_rows']) == 0
+    assert not np.any(np.asarray(grads))
+    c = state.clients
+    assert_trees((new.server, new.server_ema, new.server_opt, new.queue, new.clients.online,
+                  new.clients.ema, new.clients.opt),
+                 (state.server, state.server_ema, state.server_opt, state.queue, c.online, c.ema,
+                  c.opt), 'state', rtol=0, atol=0)
+    # The data walk goes on, as for a row that dropped out of a step with others.
+    np.testing.assert_array_equal(new.clients.steps, c.steps + 1)
+
+
+def test_a_sync_that_no_client_reported_to_keeps_the_last_average():
+  rows = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+  average = lambda weights: rounds.average_reported(fedavg.average_and_broadcast, rows,
+                                                    jnp.asarray(weights))
+  np.testing.assert_array_equal(average([0.0, 0.0])['w'], rows['w'])
+  np.testing.assert_array_equal(average([0.0, 0.5])['w'], [[3.0, 4.0], [3.0, 4.0]])
+
+
+def test_a_rounds_record_leaves_out_steps_without_rows():
+  metrics = {'loss': np.array([0.0, 2.0, 4.0]), 'contrastive_accuracy': np.array([0.0, 0.5, 1.0]),
+             'lr_server': np.array([0.5, 0.5, 0.5]), 'valid_rows': np.array([0, 3, 6])}
+  assert train.round_record(metrics) == {'loss': 3.0, 'contrastive_accuracy': 0.75,
+                                         'lr_server': 0.5, 'valid_rows': 3.0}
+  empty = {**metrics, 'valid_rows': np.zeros(3, int)}
+  assert train.round_record(empty) == {'loss': None, 'contrastive_accuracy': None,
+                                       'lr_server': 0.5, 'valid_rows': 0.0}

@@ -40,7 +40,8 @@ ROUNDS = 2
 # 1 / temperature = 10 less the positive one, so its rounding is absolute: a
 # few ulps of 10 (1e-6 each).
 LOSS_ATOL = 1e-5
-MOMENTUM_RTOL = 1e-2
+# A tenth of the norm: rounding moves a momentum by 1e-3 to 1.3e-2 of it (below).
+MOMENTUM_RTOL = 0.1
 RTOL, ATOL = 1e-5, 2e-5
 
 
@@ -82,7 +83,8 @@ class FakeHub:
     self.drops = set(drops)  # (round, step, client_id) that do not answer
     self.dropped, self.clients, self.welcome, self.log = [], {}, None, []
 
-  def set_welcome(self, fn):
+  def set_welcome(self, fn, round=None):
+    del round
     # Every client connects at the start, as the exported model (its EMA too).
     self.welcome = fn
     for cid in self.shares:
@@ -187,7 +189,8 @@ def assert_close_in_norm(a, b, what):
 
   A momentum sums raw gradients, not scaled by the small rate, and a gradient,
   unlike a loss, is not continuous in the parameters (ReLU kinks): float32
-  rounding moves client 5's round-1 momentum by 1e-3 of its norm, where in
+  rounding moves client 5's round-1 momentum by 1e-3 of its norm compiled
+  optimised, 1.3e-2 unoptimised (the suite's programs, conftest.py), where in
   float64 the two runs' momenta agree to 1e-14. A momentum restarted or not
   kept is off by its whole norm.
   """

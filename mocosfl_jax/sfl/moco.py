@@ -94,8 +94,9 @@ def info_nce(q: jax.Array, k: jax.Array, queue_keys: jax.Array, temperature: flo
   correct = jnp.argmax(logits, axis=1) == 0
   if valid is None:
     return loss.mean(), jnp.mean(correct)
-  # where, not a product: an invalid row's gradient is exactly zero.
-  count = jnp.sum(valid)
+  # where, not a product: an invalid row's gradient is exactly zero. No valid
+  # row at all (edge clients that all dropped out) gives 0, not 0 / 0.
+  count = jnp.maximum(jnp.sum(valid), 1)
   return (jnp.sum(jnp.where(valid, loss, 0.0)) / count,
           jnp.sum(valid & correct) / count)
 

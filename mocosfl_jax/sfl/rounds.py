@@ -166,8 +166,10 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   not answer gets batch size 0. Its ``gradients(step, grads (R, B, ...),
   answered)`` sends their gradient slices back; at a sync, ``weights() ->
   (online rows (R, ...), reported (R,) bool)`` collects their models, FedAvg
-  averages the clients that reported, and ``average(mean)`` sends the result
-  down. Only the R rows cross between the host and the device.
+  averages the clients that reported (:func:`average_reported`), and
+  ``average(mean)`` sends the result down. A step with no valid row left
+  changes nothing but the step counts (sfl/step.py). Only the R rows cross
+  between the host and the device.
   """
   keep = layout.constrain if layout is not None else lambda tree: tree
   keep_rows = layout.constrain_rows if layout is not None else lambda x: x
@@ -255,6 +257,17 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   return run_round_stepwise
 
 
+def average_reported(synchronise: Callable, clients, weights: jax.Array):
+  """FedAvg (``synchronise``) of the pool rows with positive ``weights``, normalised.
+
+  With none (a pool of edge clients none of which reported) there is nothing
+  to average: every row keeps what it holds, the last average it was sent.
+  """
+  total = jnp.sum(weights)
+  averaged = synchronise(clients, weights / jnp.where(total > 0, total, 1.0))
+  return jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), averaged, clients)
+
+
 def _round_with_exchange(exchange, train_step: Callable, begin_jit: Callable, finish_jit: Callable,
                          synchronise: Callable, keep: Callable, keep_rows: Callable, *,
                          pool_size: int, steps: int, sync_every: int, rows: np.ndarray,
@@ -282,8 +295,8 @@ def _round_with_exchange(exchange, train_step: Callable, begin_jit: Callable, fi
     clients = pooled.clients.replace(
         online=jax.tree.map(put, pooled.clients.online, online))
     present = full_rows(index, reported, True)
-    weights = jnp.where(present, weights, 0.0)
-    return keep(pooled.replace(clients=synchronise(clients, weights / jnp.sum(weights))))
+    return keep(pooled.replace(clients=average_reported(synchronise, clients,
+                                                        jnp.where(present, weights, 0.0))))
 
   step_jit = compilation.jit(remote_step, donate_argnums=0)
   sync_jit = jax.jit(remote_sync, donate_argnums=0)

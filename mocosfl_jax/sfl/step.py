@@ -116,7 +116,9 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
   data), (n, B, ...), whose marked rows go back to their clients (None with
   ``frozen_clients``). The marked rows' online, EMA and optimiser state (and
   attacker) stay as they were: their owners update themselves. Their step
-  counts advance, as their data walk does.
+  counts advance, as their data walk does. With ``batch_sizes`` too, the
+  metrics hold the step's ``valid_rows``, and a step without any (edge
+  clients that all dropped out) changes nothing but the step counts.
   """
   clients_forward = batched_client_apply(client_net, client_impl)
 
@@ -230,10 +232,30 @@ def make_train_step(client_net, server_net, server_tx, client_tx, augment, *,
     metrics = {'loss': loss, 'contrastive_accuracy': accuracy,
                'lr_server': lr_server, 'lr_client': jnp.mean(lr_clients), **privacy_metrics}
     if remote is not None:
+      if valid is not None:
+        new_state, cotangent, metrics = _unless_empty(valid, state, new_state, cotangent, metrics)
       return new_state, metrics, None if frozen_clients else cotangent
     return new_state, metrics
 
   return train_step
+
+
+def _unless_empty(valid: jax.Array, state: SimState, new_state: SimState, cotangent: jax.Array,
+                  metrics: dict) -> tuple[SimState, jax.Array, dict]:
+  """The step's results, or a step that changes nothing when it has no valid row.
+
+  Only a pool of edge clients that all dropped out has none: its loss is
+  undefined (0 here, with ``valid_rows`` 0 in the metrics for the round's
+  record to leave it out), and the server, its optimiser and EMA, the queue and
+  the clients keep their state, as they would without the step. The step
+  counts still advance, as a dropped row's does in any step.
+  """
+  rows = jnp.sum(valid, dtype=jnp.int32)
+  idle = state.replace(clients=state.clients.replace(steps=new_state.clients.steps),
+                       step=new_state.step)
+  new_state, cotangent = jax.tree.map(lambda new, old: jnp.where(rows > 0, new, old),
+                                      (new_state, cotangent), (idle, jnp.zeros_like(cotangent)))
+  return new_state, cotangent, {**metrics, 'valid_rows': rows}
 
 
 def _rows_where(mask: jax.Array, chosen: Any, other: Any) -> Any:
