@@ -192,7 +192,14 @@ def test_main_prints_one_error_line_and_nothing_else(tmp_path, args, expected):
 
 def test_ctrl_c_while_main_imports_jax_is_one_line_and_status_130(tmp_path):
   """Python's KeyboardInterrupt here crashed the interpreter (status -11)."""
-  process = _main(f'--config={QUICKSTART}', f'--workdir={tmp_path}')
+  # A command inherits an ignored SIGINT (and keeps ignoring it, as main
+  # should); from a shell it starts with the default. Once in a clean-clone
+  # run an earlier test in the same worker had left it ignored.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    process = _main(f'--config={QUICKSTART}', f'--workdir={tmp_path}')
+  finally:
+    signal.signal(signal.SIGINT, previous)
   maps = pathlib.Path(f'/proc/{process.pid}/maps')
   deadline = time.monotonic() + 60
   # jaxlib's libraries are mapped while JAX is imported, after the handler is set.

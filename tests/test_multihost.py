@@ -4,8 +4,10 @@ The module's runs start together as subprocesses of ``python -m
 mocosfl_jax.main`` on CPU devices: ``one``, one process with 2 devices, and
 ``two``, two processes with one device each on 127.0.0.1 (gloo collectives),
 so that both meshes have 2 devices and the runs differ only in where their
-collectives run. Programs are compiled unoptimised (as
-sharded_run.py's): each runs only a few times.
+collectives run. Programs compile as the suite's do (conftest.py).
+With a round key that differs between the processes (folded with the
+process index), the losses after round 0 differ and the test fails (checked
+2026-12-03).
 """
 import functools
 import json

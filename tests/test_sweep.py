@@ -21,10 +21,14 @@ if REPO not in sys.path:
 from experiments import sweep as sweep_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 RUNS = 2
-# One round: two steps agree to about 5e-6 of each field's largest value. A
-# second round amplifies float rounding to percents in the tiny run's
+# One round: two steps agree to about 5e-6 of each field's largest value
+# compiled optimised; unoptimised (the suite's programs, conftest.py) the
+# vmapped sweep and the single run round differently, up to 1.4e-3 of it (a
+# GroupNorm bias's momentum). Another seed's init differs by the whole value.
+# A second round amplifies float rounding to percents in the tiny run's
 # momentum buffers, as much between the engine's own 'scan' and 'loop' rounds.
 ROUNDS = 1
+FIELD_ATOL = 1e-2
 
 
 @pytest.fixture(scope='module')
@@ -48,13 +52,13 @@ def single_run(seed: int):
 
 
 def assert_trees_close(actual, expected):
-  """Integers equal, floats within 2e-5 of each field's largest value."""
+  """Integers equal, floats within FIELD_ATOL of each field's largest value."""
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(expected)[0])
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for path, a, e in zip(paths, jax.tree.leaves(actual), leaves):
     a, e = np.asarray(a), np.asarray(e)
     if np.issubdtype(e.dtype, np.floating):
-      np.testing.assert_allclose(a, e, rtol=0, atol=2e-5 * np.abs(e).max(),
+      np.testing.assert_allclose(a, e, rtol=0, atol=FIELD_ATOL * np.abs(e).max(),
                                  err_msg=jax.tree_util.keystr(path))
     else:
       np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
