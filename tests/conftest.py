@@ -71,8 +71,8 @@ SHARED_GROUPS = {'test_evaluate': 'tiny_run', 'test_resume': 'tiny_run',
 SLOWEST_FIRST = ('test_multihost', 'tiny_run', 'test_sharding', 'test_hetero', 'test_edge_demo',
                  'test_gpu_check', 'test_attack', 'test_step', 'test_edge_runtime', 'test_serve',
                  'test_remote_step', 'test_bottleneck', 'test_mixed_precision', 'test_ressfl',
-                 'test_sweep', 'test_export', 'test_augment', 'test_probes', 'test_learning',
-                 'test_rounds', 'test_models')
+                 'test_sweep', 'test_ema_dtype', 'test_export', 'test_augment', 'test_probes',
+                 'test_learning', 'test_rounds', 'test_models')
 
 
 def group(nodeid: str) -> str:
