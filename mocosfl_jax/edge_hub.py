@@ -137,7 +137,8 @@ class EdgeHub:
         port = server.add_insecure_port(self.listen)
       else:
         port = server.add_secure_port(self.listen, grpc.ssl_server_credentials(
-            [(_read(self._tls[1], 'key'), _read(self._tls[0], 'certificate'))]))
+            [(protocol.read_file(self._tls[1], 'TLS key', HubError),
+              protocol.read_file(self._tls[0], 'TLS certificate', HubError))]))
     except RuntimeError as e:
       raise HubError(f'cannot listen on {self.listen} ({e}): give a free HOST:PORT') from None
     if not port:
@@ -485,14 +486,6 @@ class EdgeHub:
         del self._sessions[session.client_id]
       self._cond.notify_all()
     self._log(f'edge: client {session.client_id} disconnected')
-
-
-def _read(path: str, what: str) -> bytes:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise HubError(f'cannot read the TLS {what} {path} ({e.strerror})') from None
 
 
 def read_tokens(path: str, client_ids: Iterable[str]) -> dict[str, str]:

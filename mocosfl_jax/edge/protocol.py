@@ -62,6 +62,16 @@ class ProtocolError(ValueError):
   """A message or tensor that breaks the protocol; the message is one line naming the problem."""
 
 
+def read_file(path: str, what: str, error: type[Exception] = ValueError) -> bytes:
+  """The bytes of a session's file (a token, a TLS key or certificate), or ``error``
+  with one line naming ``what``, the path and why."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise error(f'cannot read the {what} {path} ({e.strerror})') from None
+
+
 def field_name(message: str) -> str:
   """'StepRequest' -> 'step_request': the envelope's field for a body message."""
   return ''.join('_' + c.lower() if c.isupper() and i else c.lower()

@@ -259,21 +259,13 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _read_file(path: str, what: str) -> bytes:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise ValueError(f'cannot read the {what} {path} ({e.strerror})') from None
-
-
 def build_runner(args) -> Runner:
   """The Runner of the command line's client, resumed from its checkpoint if there is one."""
   # Imported here: the model needs ai_edge_litert, which the tests' fake clients do not.
   from mocosfl_jax.edge.client import EdgeClient  # pylint: disable=import-outside-toplevel
   from mocosfl_jax.edge.data import load_images  # pylint: disable=import-outside-toplevel
   from mocosfl_jax.edge.model import ClientModel  # pylint: disable=import-outside-toplevel
-  token = _read_file(args.token_file, 'token file').decode().strip()
+  token = protocol.read_file(args.token_file, 'token file').decode().strip()
   if not token:
     raise ValueError(f'the token file {args.token_file} is empty')
   if not os.path.exists(args.model):
@@ -289,8 +281,8 @@ def build_runner(args) -> Runner:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    root_cert = _read_file(args.tls_root_cert, 'TLS root certificate') if args.tls_root_cert \
-        else None
+    root_cert = (protocol.read_file(args.tls_root_cert, 'TLS root certificate')
+                 if args.tls_root_cert else None)
     runner = build_runner(args)
     runner.log(f'edge client {args.client_id}: step {runner.client.steps}, '
                f'connecting to {args.server}')
