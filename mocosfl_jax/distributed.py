@@ -136,6 +136,18 @@ def agreed(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
+def from_primary(value: float) -> float:
+  """Process 0's ``value`` on every process: its own on process 0, float32's on the others.
+
+  Only process 0's is written (to records, summaries and checkpoints), so the
+  others' float32 rounding never shows.
+  """
+  if not many():
+    return value
+  told = float(multihost_utils.broadcast_one_to_all(np.float32(value)))
+  return value if is_primary() else told
+
+
 def anyone(flag: bool) -> bool:
   """Whether ``flag`` holds on any process (a signal that reached only some of them)."""
   if not many():

@@ -6,16 +6,21 @@ models, their optimiser states, step counters, per-client queues and
 attackers) is split along its leading client axis; a round's pool rows (the
 gathered per-client state, its batch of images and so the server batch) are
 split along the same axis, now over the pool. The server, its EMA, its
-optimiser, a shared queue, the counters and the training data are
+optimiser, a shared queue, the counters and the partition's table are
 replicated. So each device trains ``pool_size / devices`` clients, the
 server's batch is data-parallel over the devices, and FedAvg and the server's
 gradient are all-reduces.
 
+The training images are split with their clients (:meth:`Layout.client_images`):
+a device holds the images of the clients whose state it holds. A round's
+pool is redrawn every round and its rows go to the devices by position, so
+a step's images reach the device that trains them in one all-reduce of the
+step's batch (never of the whole table), as its pool rows' state does.
+
 With many processes (distributed.py) the mesh spans every process's devices
-and ``mesh.devices`` counts them all. Each process then holds its devices'
-rows of the per-client leaves and a copy of the replicated ones, the training
-data included: a round's pool is redrawn every round and its rows go to the
-devices by position, so any device may train any client (README, "Many
+and ``mesh.devices`` counts them all. Each process then holds, and reads
+from disk, only its devices' rows of the per-client leaves and the images of
+its devices' clients, and a copy of the replicated leaves (README, "Many
 hosts").
 
 With one device :func:`layout` is None and the round compiles exactly as
@@ -25,6 +30,7 @@ so the numbers do not depend on the device count beyond float rounding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
@@ -66,6 +72,15 @@ def put(x, sharding: NamedSharding):
                                     impl=jax.random.key_impl(x))
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def client_major(table: np.ndarray) -> np.ndarray:
+  """``table``'s (num_clients, slots) sample ids as rows of :meth:`Layout.client_images`.
+
+  The same positions stay valid (and -1 padded), so a client's walk through
+  its data picks the same images from either table.
+  """
+  return np.where(table >= 0, np.arange(table.size, dtype=table.dtype).reshape(table.shape), -1)
 
 
 def check_divisible(num_clients: int, pool_size: int, devices: int) -> None:
@@ -118,9 +133,30 @@ class Layout:
   def constrain_rows(self, x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, self.rows)
 
-  def data(self, data):
-    """The training data, replicated: every device draws its clients' images from it."""
-    return jax.tree.map(lambda x: put(x, self.replicated), data)
+  def client_images(self, table: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
+                    image_shape: tuple[int, ...]) -> jax.Array:
+    """Every client's images, client by client, split over the devices with the clients.
+
+    Row ``c * slots + k`` holds client c's k-th sample (``table[c, k]``, a
+    (num_clients, slots) table of sample ids padded with -1) and zeros where
+    the client has fewer, so :func:`client_major`'s table addresses it. A
+    device's rows are those of its clients, and each process builds its
+    devices' rows from ``read(sample_ids) -> uint8 images``, which is all it
+    reads of the training set.
+    """
+    flat = table.reshape(-1)
+
+    def rows(index):
+      ids = flat[index[0]]
+      out = np.zeros((len(ids),) + tuple(image_shape), np.uint8)
+      present = ids >= 0
+      out[present] = read(ids[present])
+      return out
+    return jax.make_array_from_callback((len(flat),) + tuple(image_shape), self.rows, rows)
+
+  def replicate(self, tree):
+    """``tree`` (host arrays, alike on every process) copied to every device."""
+    return jax.tree.map(lambda x: put(x, self.replicated), tree)
 
   def local(self, tree):
     """A replicated ``tree``'s copy on this process's first device of the mesh."""

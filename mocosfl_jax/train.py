@@ -96,15 +96,45 @@ class Experiment:
     return jax.jit(with_attackers)(key)
 
   def client_data(self) -> rounds.ClientData:
+    """The training data on the device, or split with the clients over the mesh.
+
+    On a mesh, a process reads only the images of its devices' clients
+    (sharding.Layout.client_images), and the table addresses them client by
+    client: the same images as on one device, so the same numbers.
+    """
     table, counts = partition.padded(self.partition.client_indices)
+    if self.layout is not None:
+      images = self.layout.client_images(table, self.read_images, self.train.images.shape[1:])
+      return rounds.ClientData(images, *self.layout.replicate(
+          (sharding.client_major(table), counts)))
     images = self.train.images
     if self.aux is not None:
       images = np.concatenate([images, self.aux.images])
     return rounds.ClientData(jnp.asarray(images), jnp.asarray(table), jnp.asarray(counts))
 
-  def bank_images(self, data: rounds.ClientData) -> jax.Array:
-    """The kNN monitor's bank: the target's whole training set, without the auxiliary set."""
+  def read_images(self, ids: np.ndarray) -> np.ndarray:
+    """The training table's images ``ids``: the target's, then the auxiliary set's."""
+    if self.aux is None:
+      return np.asarray(self.train.images[ids])
+    own = ids < len(self.train)
+    images = np.empty((len(ids),) + self.train.images.shape[1:], np.uint8)
+    images[own] = self.train.images[ids[own]]
+    images[~own] = self.aux.images[ids[~own] - len(self.train)]
+    return images
+
+  def bank_images(self, data: rounds.ClientData) -> jax.Array | None:
+    """The kNN monitor's bank: the target's whole training set, without the auxiliary set.
+
+    On a mesh the training images lie client by client, so the bank is read
+    apart, by process 0 alone: only it evaluates (:func:`knn_on_primary`).
+    """
+    if self.layout is not None:
+      return jnp.asarray(self.train.images) if distributed.is_primary() else None
     return data.images if self.aux is None else data.images[:len(self.train)]
+
+  def test_images(self) -> jax.Array | None:
+    """The test set on the device of the process that evaluates; None on the others."""
+    return jnp.asarray(self.test.images) if distributed.is_primary() else None
 
   def table_labels(self) -> np.ndarray:
     """The labels of the training table's ids: the auxiliary set's after the target's classes."""
@@ -197,7 +227,19 @@ def evaluate_knn(exp: Experiment, state: state_lib.SimState, bank_images, test_i
 
   After every round's closing FedAvg all clients hold the same online model.
   """
-  return final.knn_accuracy(exp, eval_model(exp, state), bank_images, test_images)
+  return knn_on_primary(exp, mesh_model(exp, state), bank_images, test_images)
+
+
+def knn_on_primary(exp: Experiment, shared, bank_images, test_images) -> float:
+  """The kNN accuracy of ``shared`` (:func:`mesh_model`'s), on every process.
+
+  Process 0 computes it and tells the others, which hold no bank or test set
+  (:meth:`Experiment.bank_images`); they need it only to agree on the best
+  model, whose choice is process 0's anyway (``distributed.agreed``).
+  """
+  accuracy = (final.knn_accuracy(exp, local_model(exp, shared), bank_images, test_images)
+              if distributed.is_primary() else 0.0)
+  return distributed.from_primary(accuracy)
 
 
 def mesh_model(exp: Experiment, state: state_lib.SimState):
@@ -263,6 +305,8 @@ def final_probes(exp: Experiment, state: state_lib.SimState, best: final.BestKnn
     model, meta = restored
     models['best_knn'] = (f'best-kNN model (round {meta["round"]}, kNN '
                           f'{meta["knn_accuracy"]:.2f}%)', meta['round'], model)
+  if not distributed.is_primary():
+    return {}  # the probes are process 0's, which writes the summary
   return final.final_evaluation(exp, models, final.probe_key(c.seed), c.eval.probe_epochs,
                                 bank_images, test_images)
 
@@ -677,10 +721,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     log.info('resuming from the checkpoint of round %d in %s', start, checkpoints.directory)
   elapsed = lambda: elapsed_before + time.time() - started
   data = exp.client_data()
-  bank_images = exp.bank_images(data)
+  bank_images, test_images = exp.bank_images(data), exp.test_images()
   if exp.layout is not None:
-    state, data = exp.layout.place(state), exp.layout.data(data)
-  test_images = jnp.asarray(exp.test.images)
+    state = exp.layout.place(state)
   if edge is not None:
     edge.start(state)
   info = describe(exp, state)
@@ -734,8 +777,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         log.warning('%s', warning)
       if rounds_done % c.eval.every == 0 or rounds_done == c.num_rounds:
         shared = mesh_model(exp, state)
-        record['knn_accuracy'] = final.knn_accuracy(exp, local_model(exp, shared), bank_images,
-                                                    test_images)
+        record['knn_accuracy'] = knn_on_primary(exp, shared, bank_images, test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
         # Every process evaluates alike, but a save that only some of them
         # joined would never finish.

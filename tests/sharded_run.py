@@ -18,6 +18,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
 import jax  # pylint: disable=wrong-import-position
 
 from mocosfl_jax import checkpoint, train  # pylint: disable=wrong-import-position
+from mocosfl_jax.data import partition  # pylint: disable=wrong-import-position
 
 import test_sharding  # pylint: disable=wrong-import-position
 
@@ -35,8 +36,22 @@ def from_round_one(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
   return target
 
 
+def check_each_device_reads_only_its_clients() -> None:
+  """The 8 devices' image rows are read once each, device d's from its 2 clients' shares."""
+  config = test_sharding.config()
+  exp = train.build(config)
+  table, _ = partition.padded(exp.partition.client_indices)
+  asked = []
+  exp.layout.client_images(table, lambda ids: asked.append(ids) or exp.read_images(ids),
+                           exp.train.images.shape[1:])
+  per_device = config.num_clients // 8
+  expected = [table[d * per_device:(d + 1) * per_device] for d in range(8)]
+  assert sorted(map(sorted, asked)) == sorted(sorted(t[t >= 0]) for t in expected), asked
+
+
 def main(directory: pathlib.Path) -> None:
   assert len(jax.devices()) == 8, jax.devices()
+  check_each_device_reads_only_its_clients()
   # The session's persistent cache, as conftest.py sets it in the test process.
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])

@@ -53,6 +53,21 @@ def test_per_client_leaves_are_split_and_the_rest_replicated():
   assert all(s == jax.sharding.PartitionSpec() for s in jax.tree.leaves(others))
 
 
+def test_client_images_hold_each_clients_share_and_read_only_it():
+  images = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
+  table = np.array([[5, 0, -1], [2, 6, 3], [-1, -1, -1], [1, -1, -1]], np.int32)
+  layout = sharding.Layout(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.AXIS,)))
+  asked = []
+  read = lambda ids: asked.append(ids) or images[ids]
+  placed = np.asarray(layout.client_images(table, read, images.shape[1:]))
+  np.testing.assert_array_equal(np.concatenate(asked), [5, 0, 2, 6, 3, 1])
+  rows = sharding.client_major(table)
+  present = table >= 0
+  np.testing.assert_array_equal(rows >= 0, present)
+  np.testing.assert_array_equal(placed[rows[present]], images[table[present]])
+  assert not placed[np.flatnonzero(~present.reshape(-1))].any()
+
+
 def _losses(workdir):
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   return [r['loss'] for r in records if 'loss' in r]

@@ -417,12 +417,24 @@ def test_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch, npz_dir)
   np.testing.assert_array_equal(first.images, second.images)
 
 
-def test_unreadable_cache_entry_is_rebuilt(tmp_path, npz_dir):
+@pytest.mark.parametrize('part', ['.npz', '.images.npy'])
+def test_unreadable_cache_entry_is_rebuilt(tmp_path, npz_dir, part):
   config = _config(tmp_path, 'npz', npz_dir)
   sources.load_split(config, 'train')
-  entry, = (tmp_path / 'cache').iterdir()
+  entry, = (tmp_path / 'cache').glob('*' + part)
   entry.write_bytes(b'garbage')
   np.testing.assert_array_equal(sources.load_split(config, 'train').images, _images(6, 0))
+
+
+def test_cached_images_are_memory_mapped_and_match_the_decoded_ones(tmp_path, npz_dir):
+  config = _config(tmp_path, 'npz', npz_dir)
+  decoded = sources.load_split(config, 'train')
+  cached = sources.load_split(config, 'train')
+  assert isinstance(cached.images, np.memmap) and not cached.images.flags.writeable
+  np.testing.assert_array_equal(cached.images[[4, 1]], decoded.images[[4, 1]])
+  # Images whose count is not the labels' are no entry either.
+  np.save(next((tmp_path / 'cache').glob('*.images.npy')), _images(5, 0))
+  assert len(sources.load_split(config, 'train').images) == 6
 
 
 def _truncate(file):

@@ -6,7 +6,9 @@ A source is chosen by ``config.data.source``. The trainer only ever sees a
 Sources other than ``digits`` decode their input once and keep the decoded
 arrays in ``config.data.cache_dir``, keyed by source, name, split, resolved
 path and the size and modification time of every input file, so a second run
-starts in seconds and an edited dataset is decoded afresh.
+starts in seconds and an edited dataset is decoded afresh. A split read from
+the cache holds its images memory-mapped: a process reads from disk only the
+images it uses (on many hosts, those of its own clients; train.py).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Split:
   """One split of a dataset, held in host memory."""
-  images: np.ndarray  # uint8, (n, H, W, 3)
+  images: np.ndarray  # uint8, (n, H, W, 3); read-only and memory-mapped when cached
   labels: np.ndarray  # int32, (n,)
   class_names: tuple[str, ...]
 
@@ -65,7 +67,7 @@ SOURCES = ('digits', 'npz', 'cifar_python', 'image_folder', 'tfds')
 # Under 'mocosfl_jax', which the command line shows at INFO.
 _log = logging.getLogger(__name__)
 # Bump when the cached arrays' layout or meaning changes, so old entries miss.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # How long to wait for a download host before telling an offline user what to do.
 _PROBE_TIMEOUT_S = 3.0
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -532,6 +534,7 @@ def _local_path(data_config) -> str:
 
 
 def _cache_file(data_config, split: str, found: _Input) -> str:
+  """The entry's labels file (.npz); its images lie beside it (:func:`_images_file`)."""
   stats = []
   for file in found.files:
     stat = os.stat(file)
@@ -544,35 +547,57 @@ def _cache_file(data_config, split: str, found: _Input) -> str:
   return os.path.join(folder, f'{readable}-{digest}.npz')
 
 
+def _images_file(cache_file: str) -> str:
+  """The entry's images: a plain .npy, because numpy memory-maps no member of an .npz."""
+  return cache_file[:-len('.npz')] + '.images.npy'
+
+
 def _read_cache(file: str) -> Split | None:
   try:
     with np.load(file, allow_pickle=False) as cached:
-      return Split(cached['images'], cached['labels'], tuple(cached['class_names'].tolist()))
+      labels, class_names = cached['labels'], tuple(cached['class_names'].tolist())
+    images = np.load(_images_file(file), mmap_mode='r', allow_pickle=False)
   except FileNotFoundError:
     return None
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
     logging.warning('ignoring unreadable cache entry %s (%s); decoding again', file, e)
     return None
+  if images.ndim != 4 or len(images) != len(labels):
+    logging.warning('ignoring cache entry %s: %s images for %d labels; decoding again', file,
+                    images.shape, len(labels))
+    return None
+  return Split(images, labels, class_names)
 
 
-def _write_cache(file: str, data: Split) -> None:
-  """Writes to a temporary file and renames it, so no reader sees half an entry."""
+def _write_atomically(file: str, write: Callable) -> None:
+  """``write(f)`` into a temporary file renamed to ``file``: no reader sees half of it."""
   tmp = None
   try:
-    os.makedirs(os.path.dirname(file), exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(file), suffix='.tmp',
                                      delete=False) as f:
       tmp = f.name
-      np.savez(f, images=data.images, labels=data.labels,
-               class_names=np.array(data.class_names, dtype=str))
+      write(f)
     os.replace(tmp, file)
     tmp = None
-  except OSError as e:
-    # A read-only or full cache disk costs time on the next run, not this run.
-    logging.warning('could not cache decoded data at %s (%s)', file, e)
   finally:
     if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _write_cache(file: str, data: Split) -> None:
+  """The images first, then the labels file, which :func:`_read_cache` looks for first."""
+  try:
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    _write_atomically(_images_file(file), lambda f: np.save(f, data.images))
+    try:
+      _write_atomically(file, lambda f: np.savez(
+          f, labels=data.labels, class_names=np.array(data.class_names, dtype=str)))
+    except BaseException:
+      os.remove(_images_file(file))  # images without labels are no entry
+      raise
+  except OSError as e:
+    # A read-only or full cache disk costs time on the next run, not this run.
+    logging.warning('could not cache decoded data at %s (%s)', file, e)
 
 
 def _resized(data: Split, image_size: int, split: str) -> Split:
@@ -624,8 +649,12 @@ def load_split(data_config, split: str, image_size: int | None = None) -> Split:
   cache_file = _cache_file(data_config, split, found)
   data = _read_cache(cache_file)
   if data is None:
-    data = decode(found, split)
-    _write_cache(cache_file, data)
+    decoded = decode(found, split)
+    _write_cache(cache_file, decoded)
+    # The decoded copy goes unless the cache could not be written: the cached
+    # one is read as needed, as on every later run.
+    data = _read_cache(cache_file)
+    data = decoded if data is None else data
   return data if image_size is None else _resized(data, image_size, split)
 
 

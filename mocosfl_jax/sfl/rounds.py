@@ -153,7 +153,7 @@ def make_round(train_step: Callable, *, num_clients: int, pool_size: int, steps:
   ``layout`` (a :class:`mocosfl_jax.sharding.Layout`, None on one device)
   keeps the state split over the mesh's client axis and the pool's rows (its
   state and its images) split over the same axis while the round runs; pass
-  the state placed by ``layout.place`` and the data by ``layout.data``.
+  the state placed by ``layout.place`` and the data by ``train.Experiment.client_data``.
 
   ``exchange`` (edge clients, mocosfl_jax/serve.py) plays some clients from
   other processes; the round then runs step by step on the host, whatever
