@@ -21,7 +21,8 @@ Besides the runs:
 
 * ``per_client_bytes``: one client's share of the state (online and EMA
   models, optimiser, step count; the MoCo queue is not per client) at every cut
-  layer, at full width and at --width, field by field, from shapes alone.
+  layer, at full width and at --width, field by field, from shapes alone;
+  ``bytes_bfloat16_ema`` is the share with ``moco.ema_dtype=bfloat16``.
 * ``host_table_bytes``: the host memory that the partition of --samples ids
   over N clients keeps while a run lasts (train.py holds it), measured with
   tracemalloc while it is built.
@@ -68,17 +69,20 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def state_shapes(cut_layer: int, width: float, clients: int, queue_size: int):
+def state_shapes(cut_layer: int, width: float, clients: int, queue_size: int,
+                 ema_dtype: str = 'float32'):
   """The SimState's shapes for ``clients`` clients (nothing is allocated)."""
   client_net, server_net, tx, _ = benchmark.make_step(cut_layer, 'matmul', width=width)
   return jax.eval_shape(lambda key: state_lib.init_state(
       key, client_net, server_net, tx, tx, num_clients=clients, image_size=32,
-      queue_size=queue_size, feature_sharing=True), jax.random.key(0))
+      queue_size=queue_size, feature_sharing=True, ema_dtype=ema_dtype), jax.random.key(0))
 
 
-def client_share_bytes(cut_layer: int, width: float, queue_size: int, clients: int = 2) -> int:
+def client_share_bytes(cut_layer: int, width: float, queue_size: int, clients: int = 2,
+                       ema_dtype: str = 'float32') -> int:
   """Bytes that each client adds to the state (its rows of every per-client field)."""
-  shapes = [state_shapes(cut_layer, width, n, queue_size) for n in (clients, 2 * clients)]
+  shapes = [state_shapes(cut_layer, width, n, queue_size, ema_dtype)
+            for n in (clients, 2 * clients)]
   return (tree_bytes(shapes[1]) - tree_bytes(shapes[0])) // clients
 
 
@@ -90,6 +94,7 @@ def client_fields_bytes(cut_layer: int, width: float) -> dict[str, int]:
 
 def per_client_bytes(width: float, queue_size: int) -> list[dict]:
   return [{'cut_layer': cut, 'width': w, 'bytes': client_share_bytes(cut, w, queue_size),
+           'bytes_bfloat16_ema': client_share_bytes(cut, w, queue_size, ema_dtype='bfloat16'),
            **client_fields_bytes(cut, w)}
           for cut in CUTS for w in sorted({1.0, width})]
 

@@ -15,6 +15,9 @@ def test_a_clients_share_is_its_online_ema_and_momentum_models_and_little_else()
     share = scale.client_share_bytes(cut, 1.0, queue_size=64)
     models = 3 * parameters * 4  # online, EMA and SGD momentum, float32
     assert models <= share <= models + 64, (cut, share, models)
+    # A bfloat16 EMA halves one of the three models.
+    half = scale.client_share_bytes(cut, 1.0, queue_size=64, ema_dtype='bfloat16')
+    assert share - half == parameters * 2, (cut, share, half)
 
 
 def test_the_queue_is_not_per_client():
