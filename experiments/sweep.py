@@ -102,14 +102,25 @@ def take(tree, run: int):
 def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config that each run uses, checked as train.run checks it.
 
+  A sweep runs on one device (``mesh.devices`` 0 becomes 1): its runs are
+  vmapped in one program there, and on a mesh the training images would lie
+  client by client in the first seed's partition (train.Experiment.client_data)
+  rather than by sample id, as the other seeds' tables need them.
+
   Raises:
-    ConfigError: a field that cannot work, or an ``init.from_workdir``.
+    ConfigError: a field that cannot work, an ``init.from_workdir``, or a
+      ``mesh.devices`` above 1.
   """
   config_checks.validate(config)
   if config.init.from_workdir:
     raise ConfigError('init.from_workdir: a sweep starts each run from its own seed\'s '
                       'initialisation; leave init.from_workdir empty')
-  return config_lib.resolved(config) if config.auto_adjust else config
+  if config.mesh.devices > 1:
+    raise ConfigError(f'mesh.devices={config.mesh.devices}: a sweep runs on one device; '
+                      'pass --config.mesh.devices=1')
+  config = config_lib.resolved(config)  # a copy, which the next line may change
+  config.mesh.devices = 1
+  return config
 
 
 def partition_for(exp: train.Experiment, seed: int) -> partition_lib.Partition:

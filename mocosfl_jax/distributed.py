@@ -15,6 +15,7 @@ environment. A plain machine runs as one process, without waiting on anything.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -123,6 +124,22 @@ def barrier(name: str) -> None:
   """Waits until every process gets here (nothing to wait for with one process)."""
   if many():
     multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str):
+  """Runs the block in process 0 before the others, e.g. filling a shared cache.
+
+  The others wait until process 0 is through, even when it failed, so that
+  they meet the same error (with their own message) rather than hang.
+  """
+  if not is_primary():
+    barrier(name)
+  try:
+    yield
+  finally:
+    if is_primary():
+      barrier(name)
 
 
 def agreed(flag: bool) -> bool:

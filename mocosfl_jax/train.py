@@ -104,6 +104,11 @@ class Experiment:
     """
     table, counts = partition.padded(self.partition.client_indices)
     if self.layout is not None:
+      devices = self.layout.mesh.size
+      log.info('training images split with the clients over %d devices: %d rows a device '
+               '(the %d images over the devices: %d; the rest pads clients to the largest '
+               'share)', devices, table.size // devices, int(counts.sum()),
+               -(-int(counts.sum()) // devices))
       images = self.layout.client_images(table, self.read_images, self.train.images.shape[1:])
       return rounds.ClientData(images, *self.layout.replicate(
           (sharding.client_major(table), counts)))
@@ -169,11 +174,15 @@ def build(config: ml_collections.ConfigDict, edge=None) -> Experiment:
   ``exchange``.
   """
   c = config
-  train = sources.load_split(c.data, 'train', c.model.image_size)
-  test = sources.load_split(c.data, 'test', c.model.image_size)
-  aux = None
-  if c.data.aux_source:
-    aux = sources.load_split(sources.aux_config(c.data), 'train', c.model.image_size)
+  # Process 0 decodes a dataset that is not in the cache yet, once; the others
+  # then find it there, if the cache is shared, instead of writing it too.
+  with distributed.primary_first('mocosfl_data_cached'):
+    train = sources.load_split(c.data, 'train', c.model.image_size)
+    test = sources.load_split(c.data, 'test', c.model.image_size)
+    aux = None
+    if c.data.aux_source:
+      aux = sources.load_split(sources.aux_config(c.data), 'train', c.model.image_size)
+  if aux is not None:
     part = partition.make_partition_with_aux(train.labels, train.num_classes, c.num_clients,
                                              c.noniid_ratio, c.data, c.seed, len(aux))
   else:
@@ -779,8 +788,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         shared = mesh_model(exp, state)
         record['knn_accuracy'] = knn_on_primary(exp, shared, bank_images, test_images)
         knn_history.append((rounds_done, record['knn_accuracy']))
-        # Every process evaluates alike, but a save that only some of them
-        # joined would never finish.
+        # Process 0 decides (the others hold its accuracy in float32), as a
+        # save that only some of them joined would never finish.
         if distributed.agreed(record['knn_accuracy'] > best_knn):
           best_knn = record['knn_accuracy']
           best.save(shared, rounds_done, best_knn, c)
@@ -837,6 +846,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if c.eval.final_probes:
     summary['probes'] = final_probes(exp, state, best, knn_history, abstract_state,
                                      bank_images, test_images)
+    # Process 0 probes alone: the others wait here rather than in JAX's
+    # shutdown, which gives up after 5 minutes.
+    distributed.barrier('mocosfl_final_probes')
   if c.privacy.attack_at_end:
     # Also writes attack.json and attack.png (python -m mocosfl_jax.attack).
     summary['attack'] = privacy_attack.at_end(exp, state, workdir)

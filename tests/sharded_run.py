@@ -16,6 +16,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8')
 
 import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 
 from mocosfl_jax import checkpoint, train  # pylint: disable=wrong-import-position
 from mocosfl_jax.data import partition  # pylint: disable=wrong-import-position
@@ -36,22 +37,31 @@ def from_round_one(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
   return target
 
 
-def check_each_device_reads_only_its_clients() -> None:
-  """The 8 devices' image rows are read once each, device d's from its 2 clients' shares."""
+def check_each_device_holds_and_reads_only_its_clients() -> None:
+  """Device d of the mesh holds the images of clients 2d and 2d + 1, read for it alone."""
   config = test_sharding.config()
   exp = train.build(config)
   table, _ = partition.padded(exp.partition.client_indices)
-  asked = []
-  exp.layout.client_images(table, lambda ids: asked.append(ids) or exp.read_images(ids),
-                           exp.train.images.shape[1:])
+  reads = []
+  images = exp.layout.client_images(
+      table, lambda ids: reads.append(ids) or exp.read_images(ids), exp.train.images.shape[1:])
   per_device = config.num_clients // 8
-  expected = [table[d * per_device:(d + 1) * per_device] for d in range(8)]
-  assert sorted(map(sorted, asked)) == sorted(sorted(t[t >= 0]) for t in expected), asked
+  devices = list(exp.layout.mesh.devices.flat)
+  expected_reads = []
+  for shard in images.addressable_shards:
+    d = devices.index(shard.device)
+    ids = table[d * per_device:(d + 1) * per_device].reshape(-1)
+    rows = shard.index[0]
+    assert (rows.start, rows.stop) == (d * ids.size, (d + 1) * ids.size), (d, rows)
+    np.testing.assert_array_equal(np.asarray(shard.data)[ids >= 0],
+                                  exp.train.images[ids[ids >= 0]])
+    expected_reads.append(sorted(ids[ids >= 0]))
+  assert sorted(map(sorted, reads)) == sorted(expected_reads), reads
 
 
 def main(directory: pathlib.Path) -> None:
   assert len(jax.devices()) == 8, jax.devices()
-  check_each_device_reads_only_its_clients()
+  check_each_device_holds_and_reads_only_its_clients()
   # The session's persistent cache, as conftest.py sets it in the test process.
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])

@@ -1,4 +1,5 @@
 """The client axis over many devices: the mesh, its refusals, and numbers that do not depend on it."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -9,8 +10,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 
-from mocosfl_jax import checkpoint, sharding, train
+from mocosfl_jax import checkpoint, distributed, sharding, train
+from mocosfl_jax.data import sources
+from mocosfl_jax.evaluation import final
 from mocosfl_jax.config_checks import ConfigError
 
 import tiny
@@ -66,6 +70,35 @@ def test_client_images_hold_each_clients_share_and_read_only_it():
   np.testing.assert_array_equal(rows >= 0, present)
   np.testing.assert_array_equal(placed[rows[present]], images[table[present]])
   assert not placed[np.flatnonzero(~present.reshape(-1))].any()
+
+
+def _one_device_mesh_experiment():
+  exp = train.build(config())
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.AXIS,))
+  return dataclasses.replace(exp, layout=sharding.Layout(mesh))
+
+
+def test_the_table_reads_auxiliary_images_after_the_targets():
+  exp = _one_device_mesh_experiment()
+  aux = np.full((3,) + exp.train.images.shape[1:], 7, np.uint8) * np.arange(3)[:, None, None, None]
+  exp = dataclasses.replace(exp, aux=sources.Split(aux.astype(np.uint8), np.zeros(3, np.int32),
+                                                   ('a',)))
+  n = len(exp.train)
+  np.testing.assert_array_equal(exp.read_images(np.array([n + 2, 5, n])),
+                                [aux[2], exp.train.images[5], aux[0]])
+
+
+def test_processes_other_than_zero_hold_no_evaluation_data_and_get_its_knn(monkeypatch):
+  exp = _one_device_mesh_experiment()
+  monkeypatch.setattr(distributed, 'many', lambda: True)
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: np.float32(61.3))
+  monkeypatch.setattr(final, 'knn_accuracy', lambda *args: pytest.fail('evaluated'))
+  monkeypatch.setattr(distributed, 'is_primary', lambda: False)
+  assert exp.bank_images(exp.client_data()) is None and exp.test_images() is None
+  assert train.knn_on_primary(exp, None, None, None) == float(np.float32(61.3))
+  # Process 0 keeps its own value, which it writes, not float32's.
+  monkeypatch.setattr(distributed, 'is_primary', lambda: True)
+  assert distributed.from_primary(61.3) == 61.3
 
 
 def _losses(workdir):

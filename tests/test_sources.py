@@ -165,15 +165,15 @@ def tfds_dir(tmp_path):
   return tmp_path / 'tfds'
 
 
-def _load_twice_second_from_cache(monkeypatch, config, split):
-  first = sources.load_split(config, split)
+def _load_twice_second_from_cache(monkeypatch, config, split, image_size=None):
+  first = sources.load_split(config, split, image_size)
 
   def fail(*args):
     raise AssertionError('decoded again despite a cached copy')
 
   locate, _ = sources._SOURCES[config.source]
   monkeypatch.setitem(sources._SOURCES, config.source, (locate, fail))
-  return first, sources.load_split(config, split)
+  return first, sources.load_split(config, split, image_size)
 
 
 def _one_line_naming(error, path):
@@ -430,6 +430,8 @@ def test_cached_images_are_memory_mapped_and_match_the_decoded_ones(tmp_path, np
   config = _config(tmp_path, 'npz', npz_dir)
   decoded = sources.load_split(config, 'train')
   cached = sources.load_split(config, 'train')
+  # The first run's too: it keeps the cached copy, not the decoded one.
+  assert isinstance(decoded.images, np.memmap)
   assert isinstance(cached.images, np.memmap) and not cached.images.flags.writeable
   np.testing.assert_array_equal(cached.images[[4, 1]], decoded.images[[4, 1]])
   # Images whose count is not the labels' are no entry either.
@@ -527,7 +529,8 @@ def test_cifar_python_name_mismatch(tmp_path, cifar10_dir, name):
     sources.load_split(_config(tmp_path, 'cifar_python', cifar10_dir[0], name=name), 'train')
 
 
-def test_images_are_resized_to_the_model_size_for_training_and_evaluation(tmp_path, npz_dir):
+def test_images_are_resized_to_the_model_size_for_training_and_evaluation(tmp_path, npz_dir,
+                                                                          monkeypatch):
   # 8x8 images: the crops of training are 32x32, and so must be what the kNN
   # monitor and the probes embed, which is the stored images.
   config = _config(tmp_path, 'npz', npz_dir)
@@ -537,6 +540,12 @@ def test_images_are_resized_to_the_model_size_for_training_and_evaluation(tmp_pa
     want = [np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
             for image in _images(len(loaded), seed)]
     np.testing.assert_array_equal(loaded.images, want)
+  # Cached resized: a second run neither decodes nor resizes (it reads only
+  # what it uses of the memory-mapped images).
+  with monkeypatch.context() as patch:
+    patch.setattr(sources, '_resized', lambda *args: pytest.fail('resized again'))
+    _, again = _load_twice_second_from_cache(patch, config, 'train', image_size=32)
+  assert isinstance(again.images, np.memmap) and again.images.shape[1:] == (32, 32, 3)
   # Already the model's size: untouched; no size given: the source's.
   np.testing.assert_array_equal(sources.load_split(config, 'train', image_size=8).images,
                                 _images(6, 0))

@@ -96,6 +96,10 @@ def test_seeds_must_share_the_partition_layout(monkeypatch):
     sweep_lib.build(tiny.config(), 2)
   with pytest.raises(ConfigError, match='^init.from_workdir: a sweep starts each run'):
     sweep_lib.resolved(tiny.config(**{'init.from_workdir': '/tmp/run'}))
+  # On one device whatever the host has: the images must lie by sample id.
+  with pytest.raises(ConfigError, match='^mesh.devices=2: a sweep runs on one device'):
+    sweep_lib.resolved(tiny.config(**{'mesh.devices': 2}))
+  assert sweep_lib.resolved(tiny.config(**{'mesh.devices': 0})).mesh.devices == 1
 
 
 def parse(*args) -> dict:

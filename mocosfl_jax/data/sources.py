@@ -5,7 +5,7 @@ A source is chosen by ``config.data.source``. The trainer only ever sees a
 
 Sources other than ``digits`` decode their input once and keep the decoded
 arrays in ``config.data.cache_dir``, keyed by source, name, split, resolved
-path and the size and modification time of every input file, so a second run
+path, image size and the size and modification time of every input file, so a second run
 starts in seconds and an edited dataset is decoded afresh. A split read from
 the cache holds its images memory-mapped: a process reads from disk only the
 images it uses (on many hosts, those of its own clients; train.py).
@@ -533,14 +533,18 @@ def _local_path(data_config) -> str:
   return resolved
 
 
-def _cache_file(data_config, split: str, found: _Input) -> str:
-  """The entry's labels file (.npz); its images lie beside it (:func:`_images_file`)."""
+def _cache_file(data_config, split: str, found: _Input, image_size: int | None) -> str:
+  """The entry's labels file (.npz); its images lie beside it (:func:`_images_file`).
+
+  Keyed by ``image_size`` too: the images are cached resized, so that no run
+  reads (and resizes) every image again.
+  """
   stats = []
   for file in found.files:
     stat = os.stat(file)
     stats.append((file, stat.st_size, stat.st_mtime_ns))
   key = json.dumps([_CACHE_VERSION, data_config.source, data_config.name, split, found.root,
-                    stats])
+                    stats, image_size])
   digest = hashlib.sha256(key.encode()).hexdigest()[:20]
   folder = os.path.expanduser(data_config.cache_dir or '~/.cache/mocosfl_jax')
   readable = re.sub(r'[^\w.-]', '_', f'{data_config.source}-{data_config.name}-{split}')
@@ -562,7 +566,7 @@ def _read_cache(file: str) -> Split | None:
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
     logging.warning('ignoring unreadable cache entry %s (%s); decoding again', file, e)
     return None
-  if images.ndim != 4 or len(images) != len(labels):
+  if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
     logging.warning('ignoring cache entry %s: %s images for %d labels; decoding again', file,
                     images.shape, len(labels))
     return None
@@ -646,16 +650,17 @@ def load_split(data_config, split: str, image_size: int | None = None) -> Split:
     raise DataError(f'unknown data.source {source!r}: use one of {list(SOURCES)}')
   locate, decode = _SOURCES[source]
   found = locate(data_config, split)
-  cache_file = _cache_file(data_config, split, found)
+  cache_file = _cache_file(data_config, split, found, image_size)
   data = _read_cache(cache_file)
   if data is None:
     decoded = decode(found, split)
+    decoded = decoded if image_size is None else _resized(decoded, image_size, split)
     _write_cache(cache_file, decoded)
     # The decoded copy goes unless the cache could not be written: the cached
     # one is read as needed, as on every later run.
     data = _read_cache(cache_file)
     data = decoded if data is None else data
-  return data if image_size is None else _resized(data, image_size, split)
+  return data
 
 
 def aux_config(data_config):

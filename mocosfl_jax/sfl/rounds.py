@@ -25,9 +25,14 @@ from mocosfl_jax.sfl.step import RemoteRows
 
 @flax.struct.dataclass
 class ClientData:
-  """Device-resident training data and the partition."""
-  images: jax.Array  # uint8 (num_samples, H, W, 3)
-  table: jax.Array   # int32 (num_clients, max_samples): sample ids, -1 padded
+  """Device-resident training data and the partition.
+
+  On a mesh the images lie client by client (sharding.Layout.client_images)
+  and the table holds their rows; either way ``images[table[c, k]]`` is
+  client c's k-th image.
+  """
+  images: jax.Array  # uint8 (num_samples, H, W, 3), or (num_clients * slots, ...) on a mesh
+  table: jax.Array   # int32 (num_clients, max_samples): rows of images, -1 padded
   counts: jax.Array  # int32 (num_clients,)
 
 
