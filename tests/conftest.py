@@ -16,6 +16,8 @@ than they save.
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -24,6 +26,8 @@ import pytest
 from mocosfl_jax import train
 
 import tiny
+
+HERE = pathlib.Path(__file__).parent
 
 CACHE_DIR_ENV = 'JAX_COMPILATION_CACHE_DIR'
 # Set to 0, the cache keeps every program, the many small ones too.
@@ -59,16 +63,29 @@ def tiny_run(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.fixture(scope='session')
+def sharded_runs(tmp_path_factory):
+  """The directory of tests/sharded_run.py's runs on 1 and 8 devices (its docstring).
+
+  test_multihost's two processes compare with its one-device run.
+  """
+  directory = tmp_path_factory.mktemp('sharded_runs')
+  subprocess.run([sys.executable, str(HERE / 'sharded_run.py'), str(directory)], check=True,
+                 env=dict(os.environ), cwd=HERE)
+  return directory
+
+
 # With pytest-xdist (`-n 2`), each group's tests run in one worker, so that the
 # compiled programs a module caches and the tiny run are built once: a group is
-# a test module, but the modules that share the tiny run make one group.
+# a test module, but the modules that share the tiny run make one group, and
+# so do those that share the sharded runs.
 SHARED_GROUPS = {'test_evaluate': 'tiny_run', 'test_resume': 'tiny_run',
-                 'test_taressfl': 'tiny_run'}
+                 'test_taressfl': 'tiny_run', 'test_sharding': 'mesh', 'test_multihost': 'mesh'}
 # The slowest groups start first, so that the workers finish together (about
 # 155, 118, 112, 93, 60 and 44 CPU seconds on the 2-core Xeon, 2026-12-03, the
 # others 25 or less, test_multihost's three processes about 170; a group
 # missing here starts after these).
-SLOWEST_FIRST = ('test_multihost', 'tiny_run', 'test_sharding', 'test_hetero', 'test_edge_demo',
+SLOWEST_FIRST = ('mesh', 'tiny_run', 'test_hetero', 'test_edge_demo',
                  'test_gpu_check', 'test_attack', 'test_step', 'test_edge_runtime', 'test_serve',
                  'test_remote_step', 'test_bottleneck', 'test_mixed_precision', 'test_ressfl',
                  'test_sweep', 'test_ema_dtype', 'test_export', 'test_augment', 'test_probes',

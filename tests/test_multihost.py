@@ -1,13 +1,13 @@
 """One run over two processes: the numbers of one process, written once.
 
-The module's runs start together as subprocesses of ``python -m
-mocosfl_jax.main`` on CPU devices: ``one``, one process with 2 devices, and
-``two``, two processes with one device each on 127.0.0.1 (gloo collectives),
-so that both meshes have 2 devices and the runs differ only in where their
-collectives run. Programs compile as the suite's do (conftest.py).
-With a round key that differs between the processes (folded with the
-process index), the losses after round 0 differ and the test fails (checked
-2026-12-03).
+``two``: two processes with one device each on 127.0.0.1 (gloo collectives),
+subprocesses of ``python -m mocosfl_jax.main``, against test_sharding's run
+of the same config on one device (conftest.sharded_runs): a mesh over two
+processes sums in another order than one device, so the numbers agree as
+test_sharding's 1 and 8 devices do. Programs compile as the suite's do
+(conftest.py). With a round key that differs between the processes (folded
+with the process index), the losses after round 0 differ and the test fails
+(checked 2026-12-03).
 """
 import functools
 import json
@@ -48,12 +48,12 @@ def _start(workdir: pathlib.Path, devices: int, *flags: str) -> subprocess.Popen
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """(directory, {name: output}) of the finished runs ``one`` and ``two``."""
+def runs(tmp_path_factory, sharded_runs):
+  """(directory, {name: output}) of the finished run ``two``, and ``one``: the one-device run."""
   directory = tmp_path_factory.mktemp('multihost')
+  (directory / 'one').symlink_to(sharded_runs / 'one')
   two = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
-  processes = {'one': _start(directory / 'one', 2),
-               'two_0': _start(directory / 'two', 1, *two, '--process_id=0'),
+  processes = {'two_0': _start(directory / 'two', 1, *two, '--process_id=0'),
                'two_1': _start(directory / 'two', 1, *two, '--process_id=1')}
   outputs = {}
   try:
@@ -91,10 +91,10 @@ def test_two_processes_give_the_numbers_of_one(runs):
   assert two[0]['knn_accuracy'] == one[0]['knn_accuracy']
   np.testing.assert_allclose([r['loss'] for r in two[1:]], [r['loss'] for r in one[1:]],
                              rtol=1e-3)
-  # Gloo's all-reduces sum in another order than one process's: round 1
-  # agrees to float rounding (7e-7 seen), which the tiny model's second
-  # round amplifies (to 0.09 in the server's momentum, as test_sharding's
-  # runs over 1 and 8 devices).
+  # Two devices' all-reduces sum in another order than one device: round 1
+  # agrees to float rounding, which the tiny model's second round amplifies
+  # (to 0.09 in the server's momentum, as in test_sharding's runs over 1 and
+  # 8 devices).
   state, expected = _state(directory / 'two', 1), _state(directory / 'one', 1)
   for part in ('server', 'server_ema', 'server_opt', 'clients', 'queue'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=part),

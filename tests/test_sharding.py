@@ -1,10 +1,6 @@
 """The client axis over many devices: the mesh, its refusals, and numbers that do not depend on it."""
 import dataclasses
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,8 +14,6 @@ from mocosfl_jax.evaluation import final
 from mocosfl_jax.config_checks import ConfigError
 
 import tiny
-
-HERE = pathlib.Path(__file__).parent
 
 
 def config():
@@ -124,9 +118,8 @@ def _assert_close(state, expected, atol, name):
                  getattr(state, part), getattr(expected, part))
 
 
-def test_eight_devices_give_the_numbers_of_one_and_resume_across_counts(tmp_path):
-  subprocess.run([sys.executable, str(HERE / 'sharded_run.py'), str(tmp_path)], check=True,
-                 env=dict(os.environ), cwd=HERE)
+def test_eight_devices_give_the_numbers_of_one_and_resume_across_counts(sharded_runs):
+  tmp_path = sharded_runs
   one, eight = tmp_path / 'one', tmp_path / 'eight'
   abstract = train.on_device(jax.eval_shape(train.build(config()).init_state, jax.random.key(0)))
   for name in ('eight', 'one_then_eight', 'eight_then_one'):
