@@ -21,6 +21,9 @@ from mocosfl_jax.data import augment
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 STAT_BATCH = 1000  # images per call in the counting tests: 2000 views
+# The suite compiles unoptimised (conftest.py), but these pipelines run on
+# thousands of images: optimised, they run several times faster.
+OPTIMISED = {'xla_backend_optimization_level': 2, 'xla_llvm_disable_expensive_passes': False}
 
 
 def _noise_images(batch, seed=0, size=32):
@@ -61,7 +64,7 @@ def _jitted_augment(version):
     _TRACES[version] += 1
     return run(key, images)
 
-  return jax.jit(counted)
+  return jax.jit(counted, compiler_options=OPTIMISED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,7 +180,8 @@ def test_batched_pipeline_matches_per_image_loop(version):
 def test_vmap_over_clients_matches_each_client():
   images = _noise_images(2 * STAT_BATCH, seed=4).reshape(2, STAT_BATCH, 32, 32, 3)
   keys = jax.random.split(jax.random.key(5), 2)
-  batched = jax.jit(jax.vmap(augment.make_pair_augment('mocov2', MEAN, STD)))(keys, images)
+  batched = jax.jit(jax.vmap(augment.make_pair_augment('mocov2', MEAN, STD)),
+                    compiler_options=OPTIMISED)(keys, images)
   for client in range(2):
     single = _jitted_augment('mocov2')(keys[client], images[client])
     for b, s in zip(batched, single):
