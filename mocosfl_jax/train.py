@@ -105,10 +105,9 @@ class Experiment:
     table, counts = partition.padded(self.partition.client_indices)
     if self.layout is not None:
       devices = self.layout.mesh.size
-      log.info('training images split with the clients over %d devices: %d rows a device '
-               '(the %d images over the devices: %d; the rest pads clients to the largest '
-               'share)', devices, table.size // devices, int(counts.sum()),
-               -(-int(counts.sum()) // devices))
+      log.info('training images split with the clients over %d devices: %d rows a device, '
+               '%.0f%% of them padding (clients filled up to the largest share)', devices,
+               table.size // devices, 100 * (1 - counts.sum() / table.size))
       images = self.layout.client_images(table, self.read_images, self.train.images.shape[1:])
       return rounds.ClientData(images, *self.layout.replicate(
           (sharding.client_major(table), counts)))
