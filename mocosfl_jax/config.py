@@ -60,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.width = 1.0          # channel multiplier (1.0 = the paper's ResNet-18); every stage needs
                                # a multiple of 4 channels: a multiple of 1/16 such as 0.125
+  c.model.depth = 18           # ResNet depth: 18 (the paper's), 34 (the reference's ResNet34) or 10
+                               # (one block a stage; not in the reference; quick studies, tests)
   c.model.image_size = 32      # input resolution: images are resized to it when loaded, for
                                # training and evaluation alike, and crops to it when augmented
   c.model.weight_standardization = True  # WS on block convs (the stem always has it)

@@ -31,6 +31,7 @@ ENUMS = {
     'data.source': sources.SOURCES,
     'data.partition': partition.PARTITIONS,
     'model.client_impl': ('auto', 'vmap', 'map', 'matmul'),
+    'model.depth': resnet.DEPTHS,
     'model.dtype': ('float32', 'bfloat16'),
     'moco.ema_dtype': ('float32', 'bfloat16'),
     'moco.version': tuple(heads.HEADS),
@@ -42,9 +43,6 @@ ENUMS = {
     'privacy.attacker': decoders.ATTACKERS,
 }
 
-# The backbone is a flat list of modules; the client keeps [0, cut_layer) and
-# the server needs at least one module of its own.
-MAX_CUT_LAYER = resnet.NUM_MODULES - 1
 # The backbone halves the resolution three times.
 MIN_IMAGE_SIZE = 8
 
@@ -120,15 +118,19 @@ def _check_values(c: dict[str, Any]) -> None:
 
   at_least = lambda low: (lambda v: v >= low, f'must be >= {low}')
   positive = (lambda v: v > 0, 'must be > 0')
+  # The backbone is a flat list of modules; the client keeps [0, cut_layer) and
+  # the server needs at least one module of its own.
+  depth = c['model.depth']
+  max_cut = resnet.num_modules(depth) - 1
   unit = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
   ranges: dict[str, tuple[Callable[[Any], bool], str]] = {
       'seed': at_least(0),
       'num_clients': at_least(1),
       'client_sample_ratio': unit,
       'batch_size': at_least(1),
-      'cut_layer': (lambda v: 1 <= v <= MAX_CUT_LAYER,
-                    f'must be in 1..{MAX_CUT_LAYER} (the backbone has '
-                    f'{resnet.NUM_MODULES} modules and the server needs at least one)'),
+      'cut_layer': (lambda v: 1 <= v <= max_cut,
+                    f'must be in 1..{max_cut} (the ResNet-{depth} backbone has '
+                    f'{max_cut + 1} modules and the server needs at least one)'),
       'noniid_ratio': unit,
       'num_rounds': at_least(1),
       'steps_per_round': (lambda v: v >= 0, 'must be >= 0 (0 = one pass over a client\'s data)'),
@@ -176,7 +178,8 @@ def _check_values(c: dict[str, Any]) -> None:
   option = c['model.bottleneck']
   _rule('model.bottleneck', option, not bottleneck.problem(option), bottleneck.problem(option))
   if option:
-    hw = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'])
+    hw = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'],
+                          c['model.depth'])
     shape_problem = bottleneck.shape_problem(option, hw)
     _rule('model.bottleneck', option, not shape_problem, shape_problem)
   # The name picks the normalisation statistics, so digits' must not reach
@@ -244,7 +247,8 @@ def _check_ressfl(c: dict[str, Any]) -> None:
   _rule('privacy.ressfl_alpha', c['privacy.ressfl_alpha'], client_lr > 0,
         'ResSFL regularises the clients\' training, but their learning rate is 0 (frozen '
         'clients): set privacy.ressfl_alpha=0')
-  h, w = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'])
+  h, w = split.smashed_hw(c['cut_layer'], c['model.width'], c['model.image_size'],
+                          c['model.depth'])
   spec = bottleneck.parse(c['model.bottleneck'])
   if spec is not None:
     h, w = h // spec.stride, w // spec.stride

@@ -353,7 +353,7 @@ def report(config: ml_collections.ConfigDict) -> str:
   extras = [f'bottleneck {c.model.bottleneck}'] if c.model.bottleneck else []
   extras += ['frozen clients'] if frozen_clients(c) else []
   title = (f'MocoSFL overhead per client: cut {c.cut_layer} '
-           f'({split.PAPER_NAMES.get(c.cut_layer, "cut " + str(c.cut_layer))})'
+           f'({split.paper_name(c.cut_layer, c.model.depth)})'
            + ''.join(', ' + e for e in extras))
   shape = (f'{c.num_clients:,} clients, {pool:,} a round, batch {c.batch_size}; a client is in '
            f'{comm["rounds_in_pool"]:,.4g} of {c.num_rounds:,} rounds of {steps:,} steps '

@@ -577,7 +577,7 @@ def describe(exp: Experiment, state: state_lib.SimState) -> dict:
       'rounds': c.num_rounds,
       'total_steps': c.num_rounds * exp.steps_per_round,
       'cut_layer': c.cut_layer,
-      'paper_name': split.PAPER_NAMES.get(c.cut_layer, f'cut {c.cut_layer}'),
+      'paper_name': split.paper_name(c.cut_layer, c.model.depth),
       'client_params': client_params,
       'server_params': state_lib.count_params(state.server['params']),
       'smashed_shape': list(smashed.shape[1:]),

@@ -149,6 +149,7 @@ def test_auto_adjust_refuses_a_dataset_it_has_no_schedule_for():
     ('model.width', -0.5),
     ('model.image_size', 4),
     ('model.client_impl', 'pmap'),
+    ('model.depth', 50),
     ('moco.version', 'V3'),
     ('moco.augmentation', 'simclr'),
     ('moco.crop_scale_min', 0.0),
@@ -189,6 +190,13 @@ def test_out_of_range_or_unknown_value(field, value):
 ])
 def test_wrong_type(field, value, expected):
   assert expected in rejects(with_fields(**{field.replace('.', '__'): value}), field)
+
+
+@pytest.mark.parametrize('depth, last_cut', [(10, 4), (18, 8), (34, 16)])
+def test_the_cut_layer_range_follows_the_depth(depth, last_cut):
+  config_checks.validate(with_fields(model__depth=depth, cut_layer=last_cut))
+  message = rejects(with_fields(model__depth=depth, cut_layer=last_cut + 1), 'cut_layer')
+  assert f'1..{last_cut} (the ResNet-{depth} backbone has {last_cut + 1} modules' in message
 
 
 def test_ints_are_accepted_for_float_fields():

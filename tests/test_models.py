@@ -1,4 +1,4 @@
-"""The split ResNet-18: shapes, parameter counts, norms and heads against plain references."""
+"""The split ResNet (18, and 10 and 34): shapes, parameter counts, norms and heads against plain references."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +45,38 @@ def test_client_and_server_hold_the_whole_resnet18_between_them(cut_layer):
       server_params['head'])
   # The CIFAR ResNet-18 without its classifier; GroupNorm has BatchNorm's two vectors.
   assert backbone == 11_168_832
+
+
+def backbone_parameters(stage_blocks) -> int:
+  """The CIFAR ResNet's convolution and GroupNorm parameters, counted layer by layer."""
+  total, cin = 3 * 3 * 3 * 64 + 2 * 64, 64
+  for cout, blocks in zip((64, 128, 256, 512), stage_blocks):
+    for _ in range(blocks):
+      total += 9 * cin * cout + 2 * cout + 9 * cout * cout + 2 * cout
+      total += cin * cout + 2 * cout if cin != cout else 0
+      cin = cout
+  return total
+
+
+@pytest.mark.parametrize('depth, stage_blocks', [(10, (1, 1, 1, 1)), (18, (2, 2, 2, 2)),
+                                                 (34, (3, 4, 6, 3))])
+def test_every_depth_splits_into_its_whole_backbone(depth, stage_blocks):
+  assert backbone_parameters((2, 2, 2, 2)) == 11_168_832
+  assert resnet.num_modules(depth) == 1 + sum(stage_blocks)
+  last = resnet.num_modules(depth) - 1
+  for cut_layer in (1, last):
+    client, server = split.ClientNet(cut_layer, depth=depth), split.ServerNet(cut_layer, depth=depth)
+    client_params = param_shapes(client, IMAGES)
+    smashed = jax.eval_shape(client.apply, {'params': client_params}, IMAGES)
+    server_params = param_shapes(server, smashed)
+    backbone = count(client_params) + count(server_params) - count(server_params['head'])
+    assert backbone == backbone_parameters(stage_blocks)
+  # A stage's first block halves the resolution (but the first stage's) and sets the channels.
+  for stage, first in enumerate(np.cumsum((1,) + stage_blocks[:-1])):
+    for cut_layer in (first, first + 1):
+      expected = stage if cut_layer > first else max(stage - 1, 0)
+      assert split.smashed_channels(cut_layer, 1.0, depth) == 64 << expected
+      assert split.smashed_hw(cut_layer, 1.0, 32, depth) == (32 >> expected,) * 2
 
 
 @pytest.mark.parametrize('version, out_dim, head_params', [
@@ -146,3 +178,5 @@ def test_matmul_conv_gradients_equal_native_convolution_gradients(kernel_size, s
 
 def test_paper_names_for_cut_layers():
   assert split.PAPER_NAMES == {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}
+  assert [split.paper_name(cut) for cut in (1, 3, 4)] == ['MocoSFL-1', 'MocoSFL-5', 'cut 4']
+  assert split.paper_name(1, depth=10) == 'cut 1'

@@ -1,7 +1,8 @@
 """The reference's CIFAR ResNet-18 with GroupNorm and Weight Standardization (spec 1.1-1.2).
 
-The backbone is a flat list of nine modules (stem + eight BasicBlocks) so that a
-cut layer is simply an index into that list (see ``split.py``).
+The backbone is a flat list of modules (the stem, then the BasicBlocks stage by
+stage: nine for ResNet-18) so that a cut layer is simply an index into that list
+(see ``split.py``), as the reference's ``make_layers`` builds it for every depth.
 """
 from __future__ import annotations
 
@@ -22,7 +23,27 @@ torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform
 xavier = nn.initializers.xavier_uniform()
 
 STAGE_CHANNELS = (64, 128, 256, 512)
-NUM_MODULES = 9  # stem + 2 BasicBlocks in each of the 4 stages
+# BasicBlocks in each stage, by depth (model.depth). 18 is the paper's network
+# and 34 the reference's ResNet34 (its --arch); 10, one block a stage, is not in
+# the reference: a server half as deep for quick studies and the test suite,
+# which compiles it in about half the time.
+STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+DEPTHS = tuple(STAGE_BLOCKS)
+
+
+def num_modules(depth: int = 18) -> int:
+  """Modules of the flat list: the stem and every BasicBlock (9 for ResNet-18)."""
+  return 1 + sum(STAGE_BLOCKS[depth])
+
+
+def stage_of(index: int, depth: int = 18) -> tuple[int, int]:
+  """(stage, block within the stage) of module ``index`` >= 1."""
+  block = index - 1
+  for stage, blocks in enumerate(STAGE_BLOCKS[depth]):
+    if block < blocks:
+      return stage, block
+    block -= blocks
+  raise ValueError(f'module {index} of a ResNet-{depth}, which has {num_modules(depth)}')
 
 
 def standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -179,12 +200,12 @@ def channels(width: float) -> tuple[int, ...]:
 
 def make_module(index: int, width: float, image_size: int = 32,
                 weight_standardization: bool = True, as_matmul: bool = False,
-                dtype: str = 'float32') -> nn.Module:
-  """Module ``index`` (0..8) of the flat ResNet-18 list, computing in ``dtype``."""
+                dtype: str = 'float32', depth: int = 18) -> nn.Module:
+  """Module ``index`` (0..num_modules(depth) - 1) of the flat list, computing in ``dtype``."""
   widths = channels(width)
   if index == 0:
     return Stem(widths[0], image_size, as_matmul, dtype, name='stem')
-  stage, block = divmod(index - 1, 2)
+  stage, block = stage_of(index, depth)
   strides = 2 if (stage > 0 and block == 0) else 1
   return BasicBlock(widths[stage], strides, weight_standardization, as_matmul, dtype,
                     name=f'layer{stage + 1}_block{block + 1}')
