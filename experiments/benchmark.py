@@ -73,10 +73,12 @@ def program_memory_bytes(compiled) -> int | None:
              - m.alias_size_in_bytes)
 
 
-def make_step(cut_layer: int, impl: str, *, width: float, dtype: str = 'float32'):
+def make_step(cut_layer: int, impl: str, *, width: float, dtype: str = 'float32',
+              depth: int = 18):
   """(client net, server net, optimiser, uncompiled train step) of a setting."""
-  client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul', dtype=dtype)
-  server_net = split.ServerNet(cut_layer, width, 'V2', dtype=dtype)
+  client_net = split.ClientNet(cut_layer, width, as_matmul=impl == 'matmul', dtype=dtype,
+                               depth=depth)
+  server_net = split.ServerNet(cut_layer, width, 'V2', dtype=dtype, depth=depth)
   tx = optim.sgd(0.9, 5e-4)
   mean, std = sources.normalization('cifar10')
   train_step = step_lib.make_train_step(
@@ -96,9 +98,10 @@ def init_state(client_net, server_net, tx, clients: int, queue_size: int):
 
 
 def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
-          queue_size: int, dtype: str = 'float32'):
+          queue_size: int, dtype: str = 'float32', depth: int = 18):
   """The compiled step of a setting, its first state and images, and the compile seconds."""
-  client_net, server_net, tx, train_step = make_step(cut_layer, impl, width=width, dtype=dtype)
+  client_net, server_net, tx, train_step = make_step(cut_layer, impl, width=width, dtype=dtype,
+                                                     depth=depth)
   state = init_state(client_net, server_net, tx, clients, queue_size)
   images = jax.random.randint(jax.random.key(1), (clients, batch, 32, 32, 3), 0, 256,
                               jnp.int32).astype(jnp.uint8)
@@ -110,9 +113,9 @@ def build(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
 
 
 def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: float,
-                 repeats: int, queue_size: int, dtype: str = 'float32') -> dict:
+                 repeats: int, queue_size: int, dtype: str = 'float32', depth: int = 18) -> dict:
   compiled, state, images, compile_s = build(clients, batch, cut_layer, impl, width=width,
-                                             queue_size=queue_size, dtype=dtype)
+                                             queue_size=queue_size, dtype=dtype, depth=depth)
   state, metrics = compiled(state, images, jax.random.key(2))  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -125,7 +128,7 @@ def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: 
   images_per_step = 2 * clients * batch
   return {
       'clients': clients, 'batch_per_client': batch, 'cut_layer': cut_layer, 'impl': impl,
-      'width': width, 'dtype': dtype, 'step_seconds_median': median, 'step_seconds_all': times,
+      'width': width, 'depth': depth, 'dtype': dtype, 'step_seconds_median': median, 'step_seconds_all': times,
       'steps_per_second': 1.0 / median, 'images_per_second': images_per_step / median,
       'images_per_step': images_per_step, 'compile_seconds': compile_s,
       'peak_memory_bytes': peak_memory_bytes(), 'loss': float(metrics['loss']),

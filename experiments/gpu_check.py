@@ -8,8 +8,8 @@ and one record per measurement, rewritten after each so an interrupted check
 keeps what it measured), ``accuracy/`` (the accuracy run's metrics.jsonl and
 summary.json) and, from the shell wrapper, ``log.txt``. Sized for about 10
 minutes on an H100-class GPU (an estimate: no GPU has run it yet). ``--tiny``
-runs every section at toy sizes (the test suite runs it on the CPU), so the
-kit works the first time a GPU is there.
+runs every section at toy sizes, a 1/16-width ResNet-10 (the test suite runs it
+on the CPU), so the kit works the first time a GPU is there.
 
 Sections (``--sections`` narrows them):
 
@@ -73,15 +73,16 @@ TINY_SETTINGS = {'a': dict(clients=4, batch=1, cut_layer=1),
                  'b': dict(clients=4, batch=1, cut_layer=2),
                  'c': dict(clients=2, batch=4, cut_layer=1)}
 SIZES = {
-    'full': dict(width=1.0, queue_size=6000, repeats=20, round_clients=1000, round_pool=100,
+    'full': dict(width=1.0, depth=18, queue_size=6000, repeats=20, round_clients=1000, round_pool=100,
                  round_steps=50, round_repeats=2, samples_per_client=50),
-    'tiny': dict(width=0.0625, queue_size=64, repeats=2, round_clients=8, round_pool=4,
+    'tiny': dict(width=0.0625, depth=10, queue_size=64, repeats=2, round_clients=8, round_pool=4,
                  round_steps=2, round_repeats=1, samples_per_client=4),
 }
 # The accuracy run at toy size: the test suite's tiny data and model.
 TINY_ACCURACY = {
     'num_clients': 10, 'client_sample_ratio': 1.0, 'noniid_ratio': 0.2, 'batch_size': 2,
     'sync_every': 2, 'data.source': 'digits', 'data.name': 'digits', 'model.width': 0.0625,
+    'model.depth': 10,
     'moco.version': 'smallV2', 'moco.queue_size': 64, 'eval.knn_k': 10,
 }
 
@@ -143,7 +144,7 @@ def benchmark_runs(args, sizes: dict):
   for name, impl, dtype in combos:
     run = benchmark.time_setting(**settings[name], impl=impl, width=sizes['width'],
                                  repeats=sizes['repeats'], queue_size=sizes['queue_size'],
-                                 dtype=dtype)
+                                 dtype=dtype, depth=sizes['depth'])
     if impl == 'vmap' or (name, dtype) not in model_flops:
       model_flops[name, dtype] = run['program_flops']
     flops = model_flops[name, dtype]
@@ -166,7 +167,8 @@ def round_runs(args, sizes: dict):
   n, pool, steps = sizes['round_clients'], sizes['round_pool'], sizes['round_steps']
   data = round_data(n, sizes['samples_per_client'])
   client_net, server_net, tx, train_step = benchmark.make_step(1, args.round_client_impl,
-                                                               width=sizes['width'])
+                                                               width=sizes['width'],
+                                                               depth=sizes['depth'])
   for impl in ('scan', 'loop'):
     run_round = rounds.make_round(
         train_step, num_clients=n, pool_size=pool, steps=steps, batch_size=1,
@@ -183,6 +185,7 @@ def round_runs(args, sizes: dict):
     later = float(np.median(times[1:]))
     yield {'section': 'rounds', 'round_impl': impl, 'client_impl': args.round_client_impl,
            'clients': n, 'pool': pool, 'steps': steps, 'width': sizes['width'],
+           'depth': sizes['depth'],
            'first_round_seconds': times[0], 'round_seconds_median': later,
            'step_seconds': later / steps, 'round_seconds_all': times[1:],
            'loss': float(np.asarray(metrics['loss'])[-1]), 'device_peak_bytes': device_peak_bytes()}

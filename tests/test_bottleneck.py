@@ -13,6 +13,7 @@ from mocosfl_jax.evaluation import features
 from mocosfl_jax.models import bottleneck, split
 
 import test_step
+import tiny
 import twins
 
 IMAGES = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -135,8 +136,10 @@ def test_vmapped_step_with_a_bottleneck_equals_per_client_loop():
   """
   n = test_step.N_POOL
   with jax.enable_x64(True):
-    client = split.ClientNet(1, width=0.125, as_matmul=True, bottleneck='C4S2')
-    server = split.ServerNet(1, width=0.125, moco_version='smallV2', bottleneck='C4S2')
+    client = split.ClientNet(1, width=0.125, as_matmul=True, bottleneck='C4S2',
+                             depth=tiny.DEPTH)
+    server = split.ServerNet(1, width=0.125, moco_version='smallV2', bottleneck='C4S2',
+                             depth=tiny.DEPTH)
     train_step = test_step.make_engine(client, server, 'matmul')
     state = test_step.pool_state(client, server)
     # NumPy for the twin's inputs and the comparisons: op by op, each small

@@ -13,8 +13,8 @@ import twins
 
 N, BATCH, SIZE, QUEUE = 2, 2, 8, 16
 TX = optim.sgd(0.9, 5e-4)
-CLIENT = split.ClientNet(1, width=0.0625)
-SERVER = split.ServerNet(1, width=0.0625, moco_version='smallV2')
+CLIENT = split.ClientNet(1, width=0.0625, depth=tiny.DEPTH)
+SERVER = split.ServerNet(1, width=0.0625, moco_version='smallV2', depth=tiny.DEPTH)
 
 
 def init(key, num_clients=N, ema_dtype='float32'):

@@ -35,8 +35,8 @@ def fixed_views(key, images):
 def engine():
   """The ragged step, with 3 server rows more than the 7 valid ones: the padding
   of a sampled pool that holds fewer rich clients than the server batch allows."""
-  client = split.ClientNet(1, width=WIDTH)
-  server = split.ServerNet(1, width=WIDTH, moco_version='smallV2')
+  client = split.ClientNet(1, width=WIDTH, depth=tiny.DEPTH)
+  server = split.ServerNet(1, width=WIDTH, moco_version='smallV2', depth=tiny.DEPTH)
   tx = optim.sgd(MOMENTUM, WD)
   train_step = step_lib.make_train_step(
       client, server, tx, tx, fixed_views, temperature=T, ema_decay=TAU, client_impl='vmap',
@@ -139,9 +139,10 @@ def test_padding_rows_change_nothing():
 
 def test_batchnorm_head_statistics_skip_masked_rows():
   """The mask that the step gives the server keeps padding out of largeV2's BatchNorm."""
-  cut = resnet.NUM_MODULES - 1   # the smallest server: one module and the head
-  server = split.ServerNet(cut, width=WIDTH, moco_version='largeV2', image_size=SIZE)
-  client = split.ClientNet(cut, width=WIDTH, image_size=SIZE)
+  cut = resnet.num_modules(tiny.DEPTH) - 1   # the smallest server: one module and the head
+  server = split.ServerNet(cut, width=WIDTH, moco_version='largeV2', image_size=SIZE,
+                           depth=tiny.DEPTH)
+  client = split.ClientNet(cut, width=WIDTH, image_size=SIZE, depth=tiny.DEPTH)
   images = jnp.zeros((6, SIZE, SIZE, 3))
   smashed = jax.eval_shape(lambda: client.apply(client.init(jax.random.key(0), images), images))
   x = jax.random.normal(jax.random.key(0), smashed.shape)

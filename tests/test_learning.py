@@ -18,6 +18,7 @@ from mocosfl_jax.data import augment, sources
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import moco, optim, state as state_lib, step as step_lib
 
+import tiny
 import twins
 
 CLIENTS, BATCH, QUEUE, STEPS, T, LR = 4, 4, 64, 20, 0.1, 0.06
@@ -28,8 +29,8 @@ def test_short_training_run_lowers_the_loss():
       ml_collections.ConfigDict({'source': 'digits'}), 'train').images)
   mean, std = sources.normalization('digits')
   pair = augment.make_pair_augment('mocov2', mean, std, 32, crop_scale=(0.3, 1.0))
-  client_net = split.ClientNet(1, 0.0625, as_matmul=True)
-  server_net = split.ServerNet(1, 0.0625, 'V2')
+  client_net = split.ClientNet(1, 0.0625, as_matmul=True, depth=tiny.DEPTH)
+  server_net = split.ServerNet(1, 0.0625, 'V2', depth=tiny.DEPTH)
   tx = optim.sgd(0.9, 5e-4)
   # Every program here is compiled unoptimised (twins.quick_jit): for 20 steps
   # of this size that costs less than optimising, and it computes the same.

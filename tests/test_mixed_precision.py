@@ -11,6 +11,7 @@ from mocosfl_jax import config_checks
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import optim, state as state_lib, step as step_lib
 
+import tiny
 import twins
 
 CLIENTS, BATCH, SIZE, QUEUE, STEPS = 2, 8, 8, 64, 4
@@ -33,8 +34,8 @@ def fixed_views(key, images):
 @functools.cache
 def run(dtype: str):
   """(losses of STEPS steps, the final state, the jaxpr of the model's forward) at ``dtype``."""
-  client = split.ClientNet(1, width=0.0625, dtype=dtype)
-  server = split.ServerNet(1, width=0.0625, moco_version='smallV2', dtype=dtype)
+  client = split.ClientNet(1, width=0.0625, dtype=dtype, depth=tiny.DEPTH)
+  server = split.ServerNet(1, width=0.0625, moco_version='smallV2', dtype=dtype, depth=tiny.DEPTH)
   train_step = step_lib.make_train_step(
       client, server, TX, TX, fixed_views, temperature=0.1, ema_decay=0.99, client_impl='vmap',
       server_lr=lambda rnd: LR,

@@ -10,12 +10,13 @@ from mocosfl_jax import train
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import fedavg, optim, rounds, state as state_lib, step as step_lib
 
+import tiny
 import twins
 
 N, B, SIZE, QUEUE, LR, ROUNDS = 3, 2, 8, 16, 0.05, 7
 TX = optim.sgd(0.9, 5e-4)
-CLIENT = split.ClientNet(1, width=0.0625)  # tiny.py's width
-SERVER = split.ServerNet(1, width=0.0625, moco_version='smallV2')
+CLIENT = split.ClientNet(1, width=0.0625, depth=tiny.DEPTH)  # tiny.py's model
+SERVER = split.ServerNet(1, width=0.0625, moco_version='smallV2', depth=tiny.DEPTH)
 CLIENT_LR = lambda steps, rnd: optim.reference_client_cosine(LR, ROUNDS)(steps)
 REMOTE = np.array([False, True, False])
 

@@ -18,6 +18,7 @@ from mocosfl_jax.privacy import decoders, metrics, ressfl
 from mocosfl_jax.sfl import optim, rounds, step as step_lib
 
 import test_step
+import tiny
 import twins
 
 N, B, SIZE = test_step.N_POOL, test_step.BATCH, test_step.SIZE
@@ -35,8 +36,9 @@ def fixed_views(key, images):
 
 def models(bottleneck='C4S2'):
   # C4S2 at cut 1 and 8x8 images: 4x4x4 smashed data, so the attacker upsamples.
-  client = split.ClientNet(1, width=0.125, bottleneck=bottleneck)
-  server = split.ServerNet(1, width=0.125, moco_version='smallV2', bottleneck=bottleneck)
+  client = split.ClientNet(1, width=0.125, bottleneck=bottleneck, depth=tiny.DEPTH)
+  server = split.ServerNet(1, width=0.125, moco_version='smallV2', bottleneck=bottleneck,
+                           depth=tiny.DEPTH)
   return client, server
 
 

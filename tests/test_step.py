@@ -9,6 +9,7 @@ import pytest
 from mocosfl_jax.models import split
 from mocosfl_jax.sfl import optim, state as state_lib, step as step_lib
 
+import tiny
 import twins
 
 N_POOL, BATCH, SIZE, QUEUE = 3, 2, 8, 16   # 2nB = 12 keys per step: step 2 wraps the queue
@@ -28,9 +29,9 @@ def build(cut_layer, impl):
   The twin's client runs native convolutions whatever the engine uses: the same
   parameters, an independent formulation, and one twin program per cut layer.
   """
-  client = split.ClientNet(cut_layer, width=0.125, as_matmul=impl == 'matmul')
-  server = split.ServerNet(cut_layer, width=0.125, moco_version='smallV2')
-  return client, server, split.ClientNet(cut_layer, width=0.125)
+  client = split.ClientNet(cut_layer, width=0.125, as_matmul=impl == 'matmul', depth=tiny.DEPTH)
+  server = split.ServerNet(cut_layer, width=0.125, moco_version='smallV2', depth=tiny.DEPTH)
+  return client, server, split.ClientNet(cut_layer, width=0.125, depth=tiny.DEPTH)
 
 
 def make_engine(client, server, impl, symmetric=True):
