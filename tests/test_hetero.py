@@ -55,17 +55,9 @@ def initial_state():
   client, server, tx, _ = engine()
 
   def init(key):
-    state = state_lib.init_state(key, client, server, tx, tx, num_clients=len(SIZES),
-                                 image_size=SIZE, queue_size=20, feature_sharing=True)
-    state = jax.tree.map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    noise = lambda k, t: jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(k, x.shape, x.dtype), t)
-    clients = state.clients.replace(online=noise(jax.random.key(1), state.clients.online),
-                                    ema=noise(jax.random.key(2), state.clients.ema),
-                                    steps=jnp.array([0, 3, 9], jnp.int32))
-    return state.replace(clients=clients, round=jnp.array(2, jnp.int32),
-                         server_ema=noise(jax.random.key(3), state.server_ema))
+    return twins.distinct_pool(state_lib.init_state(
+        key, client, server, tx, tx, num_clients=len(SIZES), image_size=SIZE, queue_size=20,
+        feature_sharing=True))
   # One compiled program instead of hundreds of eagerly compiled operations.
   return twins.quick_jit(init)(jax.random.key(0))
 

@@ -40,16 +40,9 @@ def engine(ragged: bool):
 def setup():
   """A float64 pool state with distinct clients, the images and their smashed data."""
   def init(key):
-    state = state_lib.init_state(key, CLIENT, SERVER, TX, TX, num_clients=N, image_size=SIZE,
-                                 queue_size=QUEUE, feature_sharing=True)
-    state = jax.tree.map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    noise = lambda k, t: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(k, x.shape, x.dtype),
-                                      t)
-    clients = state.clients.replace(online=noise(jax.random.key(1), state.clients.online),
-                                    ema=noise(jax.random.key(2), state.clients.ema),
-                                    steps=jnp.array([0, 3, 9], jnp.int32))
-    return state.replace(clients=clients, round=jnp.array(2, jnp.int32))
+    return twins.distinct_pool(state_lib.init_state(
+        key, CLIENT, SERVER, TX, TX, num_clients=N, image_size=SIZE, queue_size=QUEUE,
+        feature_sharing=True))
 
   def smashed(state, images):
     """What each client computes: online on view 1, EMA (moved first) on view 2."""

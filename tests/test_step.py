@@ -67,18 +67,9 @@ def pool_state(client, server):
   """``initial_state`` of given client and server modules."""
 
   def init(key):
-    state = state_lib.init_state(key, client, server, TX, TX, num_clients=N_POOL,
-                                 image_size=SIZE, queue_size=QUEUE, feature_sharing=True)
-    state = jax.tree.map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    noise = lambda k, t: jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(k, x.shape, x.dtype), t)
-    clients = state.clients.replace(
-        online=noise(jax.random.key(1), state.clients.online),
-        ema=noise(jax.random.key(2), state.clients.ema),
-        steps=jnp.array([0, 3, 9], jnp.int32))
-    return state.replace(clients=clients, round=jnp.array(2, jnp.int32),
-                         server_ema=noise(jax.random.key(3), state.server_ema))
+    return twins.distinct_pool(state_lib.init_state(
+        key, client, server, TX, TX, num_clients=N_POOL, image_size=SIZE, queue_size=QUEUE,
+        feature_sharing=True))
   # One compiled program: run eagerly, every random draw of every parameter
   # shape compiled on its own, most of this test's time when it did.
   with jax.enable_x64(True):

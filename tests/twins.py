@@ -10,6 +10,7 @@ import functools
 import math
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,6 +34,28 @@ def torch_sgd(param, grad, buf, lr, momentum, weight_decay):
 # XLA options for programs that run a few times on tiny inputs: compiling
 # them fully optimised costs more than running them unoptimised.
 QUICK_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def perturbed(tree, phase: float):
+  """``tree`` plus a fixed pattern of amplitude 0.05 that differs between elements and phases.
+
+  A pattern rather than random draws: one draw per parameter leaf is a random
+  generator compiled per shape, seconds of every program that builds a state.
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(tree)
+  return unravel(flat + 0.05 * jnp.sin(0.7 * jnp.arange(flat.size, dtype=flat.dtype) + phase))
+
+
+def distinct_pool(state):
+  """A three-client pool state in float64 whose clients, EMAs and schedule
+  positions differ, so that a mixed-up row shows."""
+  state = jax.tree.map(
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  clients = state.clients.replace(online=perturbed(state.clients.online, 1.0),
+                                  ema=perturbed(state.clients.ema, 2.0),
+                                  steps=jnp.array([0, 3, 9], jnp.int32))
+  return state.replace(clients=clients, round=jnp.array(2, jnp.int32),
+                       server_ema=perturbed(state.server_ema, 3.0))
 
 
 def quick_jit(fun=None, **kwargs):
