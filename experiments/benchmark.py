@@ -128,7 +128,8 @@ def time_setting(clients: int, batch: int, cut_layer: int, impl: str, *, width: 
   images_per_step = 2 * clients * batch
   return {
       'clients': clients, 'batch_per_client': batch, 'cut_layer': cut_layer, 'impl': impl,
-      'width': width, 'depth': depth, 'dtype': dtype, 'step_seconds_median': median, 'step_seconds_all': times,
+      'width': width, 'depth': depth, 'dtype': dtype, 'step_seconds_median': median,
+      'step_seconds_all': times,
       'steps_per_second': 1.0 / median, 'images_per_second': images_per_step / median,
       'images_per_step': images_per_step, 'compile_seconds': compile_s,
       'peak_memory_bytes': peak_memory_bytes(), 'loss': float(metrics['loss']),

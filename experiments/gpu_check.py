@@ -73,10 +73,10 @@ TINY_SETTINGS = {'a': dict(clients=4, batch=1, cut_layer=1),
                  'b': dict(clients=4, batch=1, cut_layer=2),
                  'c': dict(clients=2, batch=4, cut_layer=1)}
 SIZES = {
-    'full': dict(width=1.0, depth=18, queue_size=6000, repeats=20, round_clients=1000, round_pool=100,
-                 round_steps=50, round_repeats=2, samples_per_client=50),
-    'tiny': dict(width=0.0625, depth=10, queue_size=64, repeats=2, round_clients=8, round_pool=4,
-                 round_steps=2, round_repeats=1, samples_per_client=4),
+    'full': dict(width=1.0, depth=18, queue_size=6000, repeats=20, round_clients=1000,
+                 round_pool=100, round_steps=50, round_repeats=2, samples_per_client=50),
+    'tiny': dict(width=0.0625, depth=10, queue_size=64, repeats=2, round_clients=8,
+                 round_pool=4, round_steps=2, round_repeats=1, samples_per_client=4),
 }
 # The accuracy run at toy size: the test suite's tiny data and model.
 TINY_ACCURACY = {
