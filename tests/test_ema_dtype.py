@@ -66,10 +66,7 @@ def test_stochastic_rounding_keeps_small_ema_steps():
 def start_state(key):
   """A state with its EMA models in bfloat16 and its online models away from them."""
   state = init(key, ema_dtype='bfloat16')
-  leaves, treedef = jax.tree.flatten(state.clients.online)
-  keys = jax.random.split(key, len(leaves))
-  online = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape)
-                              for x, k in zip(leaves, keys)])
+  online = twins.perturbed(state.clients.online, 1.0)
   return state.replace(clients=state.clients.replace(online=online))
 
 

@@ -1,4 +1,4 @@
-"""The split ResNets (10, 18, 34): shapes, parameter counts, norms and heads against plain references."""
+"""The split ResNets (10, 18, 34): shapes, parameter counts, norms and heads against references."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -24,7 +24,7 @@ PAPER_NAMES = {1: 'MocoSFL-1', 2: 'MocoSFL-3', 3: 'MocoSFL-5'}
 
 
 def paper_name(cut_layer: int, depth: int = 18) -> str:
-  """The paper's name of a ResNet-18 cut ('MocoSFL-1'), else 'cut <n>' (the paper names no other)."""
+  """The paper's name of a ResNet-18 cut ('MocoSFL-1'), else 'cut <n>': it names no other."""
   return PAPER_NAMES.get(cut_layer, f'cut {cut_layer}') if depth == 18 else f'cut {cut_layer}'
 
 
