@@ -29,6 +29,7 @@ import edge_demo_config
 CONFIG_FILE = str(pathlib.Path(edge_demo_config.__file__))
 EDGE = (3, 4)
 RUN_S = 300  # a generous bound on a server run of seconds
+DYING_CLIENT = pathlib.Path(__file__).parent / 'dying_edge_client.py'
 # LiteRT's float32 kernels against XLA's: the same arithmetic in another order.
 RTOL, ATOL = 2e-4, 2e-5
 
@@ -126,18 +127,20 @@ def relaunch(processes, command, name):
 
 def test_killed_clients_and_a_killed_server_restart_and_the_run_finishes(tmp_path, exported,
                                                                          monkeypatch):
-  """Client 4 (pools [3, 4, 5], [0, 3, 2], [1, 4, 0]) is killed after its
-  checkpoint at round 0's first sync and drops out of round 0; the server is
-  killed after its checkpoint of round 1. Both restart with their commands:
+  """Client 4 (pools [3, 4, 5], [0, 3, 2], [1, 4, 0]) dies right after its
+  checkpoint at round 0's first sync (dying_edge_client.py) and drops out of
+  round 0; the server is killed after its checkpoint of round 1. Both restart with their commands:
   the server resumes from its checkpoint, client 3, still running,
   reconnects, and client 4 resumes from its own checkpoint and trains in round 2.
   """
   overrides = ['--config.num_rounds=3', '--config.edge.timeout_s=5']
+  client_command = demo.client_command
+  monkeypatch.setattr(demo, 'client_command', lambda setup, cid, port: (
+      [sys.executable, str(DYING_CLIENT), *client_command(setup, cid, port)[3:]] if cid == 4
+      else client_command(setup, cid, port)))
   setup, processes = serve(tmp_path, exported, monkeypatch, *overrides)
-  victim = processes.clients[4]
-  wait_for(setup.checkpoint(4).exists, processes, "client 4's checkpoint")
-  victim.kill()
-  victim.wait()
+  monkeypatch.setattr(demo, 'client_command', client_command)
+  assert processes.clients[4].wait(RUN_S) == 137, read_log(processes, 'client_4')
   with np.load(setup.checkpoint(4)) as archive:
     steps = int(archive['steps'])
   wait_for((tmp_path / 'checkpoints' / '1').is_dir, processes, "the server's checkpoint")
