@@ -1,10 +1,14 @@
-"""Compiler options and fusion boundaries of the convolution-heavy programs."""
+"""Compiler options and fusion boundaries of the convolution-heavy programs, and the suite's."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from mocosfl_jax import compilation
+
+import conftest
 
 
 def conv(x, w):
@@ -49,3 +53,14 @@ def test_materialize_under_vmap_keeps_one_unbatched_boundary():
   hlo = compilation.jit(f).lower(x).compile().as_text()
   assert ' conditional(' in hlo
   assert 'select' not in hlo
+
+
+def test_the_suites_quick_flags_leave_out_what_this_xla_does_not_know(monkeypatch):
+  monkeypatch.setattr(conftest, 'QUICK_COMPILE_FLAGS',
+                      '--xla_backend_optimization_level=0 --xla_cpu_no_such_flag_for_sure=1')
+  warnings = []
+  config = types.SimpleNamespace(
+      issue_config_time_warning=lambda warning, stacklevel: warnings.append(str(warning)))
+  assert conftest.quick_compile_flags(config) == ['--xla_backend_optimization_level=0']
+  assert warnings == ["this jaxlib's XLA does not know --xla_cpu_no_such_flag_for_sure=1: the "
+                      'suite compiles without it and takes longer']
