@@ -111,15 +111,15 @@ SHARED_GROUPS = {'test_evaluate': 'tiny_run', 'test_resume': 'tiny_run',
                  'test_taressfl': 'tiny_run', 'test_attack': 'tiny_run', 'test_sharding': 'mesh',
                  'test_multihost': 'mesh'}
 # The slowest groups start first, so that the workers finish together (in a
-# run of the whole suite, 2026-12-03: the tiny run's group about 250 and the
-# mesh's about 170 test seconds, then test_edge_demo, test_hetero, the GPU
-# kit's and test_step about 130 to 80 each, the others less; a group missing
-# here starts after these).
+# run of the whole suite, 2026-12-04, 2-core AMD EPYC: the tiny run's group
+# about 100 and the mesh's about 60 test seconds, then test_edge_demo,
+# test_hetero, the GPU kit's, test_ressfl and test_step about 50 to 25 each,
+# the others less; a group missing here starts after these).
 SLOWEST_FIRST = ('tiny_run', 'mesh', 'test_edge_demo', 'test_hetero', 'test_gpu_check',
-                 'test_step', 'test_ressfl', 'test_sweep', 'test_remote_step', 'test_bottleneck',
-                 'test_serve', 'test_export', 'test_mixed_precision', 'test_learning',
-                 'test_augment', 'test_ema_dtype', 'test_edge_runtime', 'test_models',
-                 'test_probes', 'test_rounds')
+                 'test_ressfl', 'test_step', 'test_export', 'test_sweep', 'test_remote_step',
+                 'test_serve', 'test_bottleneck', 'test_augment', 'test_rounds',
+                 'test_mixed_precision', 'test_learning', 'test_ema_dtype', 'test_probes',
+                 'test_models', 'test_edge_runtime')
 
 
 def group(nodeid: str) -> str:
