@@ -9,9 +9,10 @@ loads is what would have compiled. The cache is new for each session, so the
 suite's time is that of a clean clone, and pytest-xdist's workers and every
 subprocess find it through the environment.
 
-Every program is compiled unoptimised (QUICK_COMPILE_FLAGS): the suite's
-programs run a few times on tiny inputs, so XLA's optimisations cost more
-than they save.
+Every program is compiled unoptimised and without XLA:CPU's fusion emitters
+(QUICK_COMPILE_FLAGS, those of them that the installed jaxlib knows): the
+suite's programs run a few times on tiny inputs, so XLA's optimisations cost
+more than they save.
 """
 import os
 import pathlib
@@ -43,10 +44,11 @@ QUICK_COMPILE_FLAGS = ('--xla_backend_optimization_level=0 --xla_llvm_disable_ex
 
 def _xla_accepts(flags: list[str]) -> bool:
   """Whether this jaxlib's XLA knows ``flags``: it aborts the process on an unknown one."""
-  env = {**os.environ, 'XLA_FLAGS': ' '.join([os.environ.get('XLA_FLAGS', ''), *flags])}
+  env = {**os.environ, 'XLA_FLAGS': ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]),
+         'JAX_PLATFORMS': 'cpu'}
   probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
-                         capture_output=True, check=False)
-  return probe.returncode == 0
+                         capture_output=True, text=True, check=False)
+  return 'Unknown flag in XLA_FLAGS' not in probe.stderr
 
 
 def quick_compile_flags(config) -> list[str]:

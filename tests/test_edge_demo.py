@@ -29,7 +29,7 @@ import edge_demo_config
 CONFIG_FILE = str(pathlib.Path(edge_demo_config.__file__))
 EDGE = (3, 4)
 RUN_S = 300  # a generous bound on a server run of seconds
-DYING_CLIENT = pathlib.Path(__file__).parent / 'dying_edge_client.py'
+DIE_AFTER_CHECKPOINT = pathlib.Path(__file__).parent / 'die_after_checkpoint.py'
 # LiteRT's float32 kernels against XLA's: the same arithmetic in another order.
 RTOL, ATOL = 2e-4, 2e-5
 
@@ -128,33 +128,36 @@ def relaunch(processes, command, name):
 def test_killed_clients_and_a_killed_server_restart_and_the_run_finishes(tmp_path, exported,
                                                                          monkeypatch):
   """Client 4 (pools [3, 4, 5], [0, 3, 2], [1, 4, 0]) dies right after its
-  checkpoint at round 0's first sync (dying_edge_client.py) and drops out of
-  round 0; the server is killed after its checkpoint of round 1. Both restart with their commands:
-  the server resumes from its checkpoint, client 3, still running,
-  reconnects, and client 4 resumes from its own checkpoint and trains in round 2.
+  checkpoint at round 0's first sync and drops out of round 0; the server dies
+  right after its checkpoint of round 1 (die_after_checkpoint.py). Both
+  restart with their commands: the server resumes from its checkpoint, client
+  3, still running, reconnects, and client 4 resumes from its own checkpoint
+  and trains in round 2.
   """
   overrides = ['--config.num_rounds=3', '--config.edge.timeout_s=5']
-  client_command = demo.client_command
+  client_command, server_command = demo.client_command, demo.server_command
+  dying = lambda command, *args: [sys.executable, str(DIE_AFTER_CHECKPOINT), *args,
+                                  *command[command.index('-m') + 2:]]
+  # demo.start's commands; the restarts below use the real ones.
   monkeypatch.setattr(demo, 'client_command', lambda setup, cid, port: (
-      [sys.executable, str(DYING_CLIENT), *client_command(setup, cid, port)[3:]] if cid == 4
+      dying(client_command(setup, cid, port), 'client') if cid == 4
       else client_command(setup, cid, port)))
+  monkeypatch.setattr(demo, 'server_command', lambda *args: dying(server_command(*args),
+                                                                   'server', '1'))
   setup, processes = serve(tmp_path, exported, monkeypatch, *overrides)
-  monkeypatch.setattr(demo, 'client_command', client_command)
-  assert processes.clients[4].wait(RUN_S) == 137, read_log(processes, 'client_4')
+  wait_for(lambda: processes.clients[4].poll() is not None, processes, "client 4's exit")
+  assert processes.clients[4].returncode == 137, read_log(processes, 'client_4')
   with np.load(setup.checkpoint(4)) as archive:
     steps = int(archive['steps'])
-  wait_for((tmp_path / 'checkpoints' / '1').is_dir, processes, "the server's checkpoint")
-  processes.server.kill()
-  processes.server.wait()
-  processes.server = relaunch(processes, demo.server_command(
+  assert processes.server.wait(RUN_S) == 137, read_log(processes, 'server')
+  processes.server = relaunch(processes, server_command(
       [f'--config={CONFIG_FILE}', *overrides], tmp_path, setup, processes.port), 'server')
-  processes.clients[4] = relaunch(processes, demo.client_command(setup, 4, processes.port),
+  processes.clients[4] = relaunch(processes, client_command(setup, 4, processes.port),
                                   'client_4')
 
   assert demo.finish(processes, RUN_S) == 0, read_log(processes, 'server')
   assert [p.returncode for p in processes.clients.values()] == [0, 0]
-  # Round 1's, or round 2's when the server finished round 2 before its checkpoint 1 landed.
-  assert re.search('resuming from the checkpoint of round [12] ', read_log(processes, 'server'))
+  assert 'resuming from the checkpoint of round 1 ' in read_log(processes, 'server')
   assert 'edge client 3: connection lost' in read_log(processes, 'client_3')
   # Even those that reconnected while the server restored its state: the server's model.
   for cid in EDGE:
