@@ -56,6 +56,8 @@ def test_materialize_under_vmap_keeps_one_unbatched_boundary():
 
 
 def test_the_suites_quick_flags_leave_out_what_this_xla_does_not_know(monkeypatch):
+  # Both ways, so that a probe that always refused (and so dropped every quick flag) fails too.
+  assert conftest._xla_accepts(['--xla_backend_optimization_level=0'])
   assert not conftest._xla_accepts(['--xla_cpu_no_such_flag_for_sure=1'])
   # One probe a flag costs a JAX import each: the rest with a stand-in.
   monkeypatch.setattr(conftest, '_xla_accepts', lambda flags: '--xla_cpu_no_such' not in str(flags))
